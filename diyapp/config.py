@@ -1,0 +1,112 @@
+"""Model hyperparameters: one dataclass that round-trips through plain JSON types.
+
+This module imports nothing heavy so that the CLI can read and validate configs before torch loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model."""
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """SwiGLU width used by Llama-style models: about 8/3 of the hidden size, rounded up to 64."""
+    return 64 * math.ceil(8 * hidden_size / 3 / 64)
+
+
+@dataclass
+class DIYConfig:
+    """Every hyperparameter of a DIY model.
+
+    ``num_kv_heads`` and ``intermediate_size`` may be left as ``None`` and are then derived
+    (``num_heads`` and :func:`default_intermediate_size`); ``to_dict`` writes the resolved values.
+    """
+
+    vocab_size: int = 6400
+    num_layers: int = 2
+    hidden_size: int = 256
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    max_seq_len: int = 128
+    dropout: float = 0.1
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.intermediate_size is None and isinstance(self.hidden_size, int) and self.hidden_size > 0:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that cannot work."""
+        for name in ("vocab_size", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
+                     "intermediate_size", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("dropout", "rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("rms_norm_eps and rope_theta must be positive")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"head size hidden_size/num_heads = {self.head_dim} must be even for rotary embeddings")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict with every derived field resolved."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DIYConfig":
+        """Build a config from :meth:`to_dict` output; unknown keys and bad shapes raise ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # e.g. a string where a number belongs, caught before validate()
+            raise ConfigError(str(exc)) from None
+
+
+#: Named model sizes offered by the app: the default, and a larger one (about 29M parameters).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "large": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "max_seq_len": 512},
+    "tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "max_seq_len": 64, "vocab_size": 512},
+}
+
+
+def preset(name: str, **overrides: Any) -> DIYConfig:
+    """A config from a named preset with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return DIYConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,106 @@
+"""Generation: greedy cache vs reference path, sampling filters, seeds, EOS and the sliding window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diyapp import generate
+from diyapp.generation import GenerationConfig, filter_logits
+
+
+def test_greedy_cached_equals_reference(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 6))
+    cached = generate(tiny_model, prompt, 30, temperature=0, use_cache=True)
+    reference = generate(tiny_model, prompt, 30, temperature=0, use_cache=False)
+    assert cached.shape == (1, 36)
+    assert torch.equal(cached, reference)
+    assert torch.equal(cached[:, :6], prompt)
+
+
+def test_sliding_window_keeps_going_past_max_seq_len(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 10))
+    n = tiny_config.max_seq_len * 3
+    cached = generate(tiny_model, prompt, n, temperature=0, use_cache=True)
+    reference = generate(tiny_model, prompt, n, temperature=0, use_cache=False)
+    assert cached.shape == (1, 10 + n)
+    assert torch.equal(cached, reference)
+    long_prompt = torch.randint(0, tiny_config.vocab_size, (1, tiny_config.max_seq_len + 20))
+    out = generate(tiny_model, long_prompt, 5, temperature=0)
+    assert out.shape[1] == tiny_config.max_seq_len + 25
+
+
+def test_batch_generation_matches_rows_alone(tiny_model, tiny_config):
+    prompts = torch.randint(0, tiny_config.vocab_size, (3, 5))
+    together = generate(tiny_model, prompts, 12, temperature=0)
+    for i in range(3):
+        assert torch.equal(together[i:i + 1], generate(tiny_model, prompts[i:i + 1], 12, temperature=0))
+
+
+def test_stops_at_eos_and_streams_each_token(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 4))
+    free = generate(tiny_model, prompt, 20, temperature=0)
+    eos = int(free[0, 4 + 5])  # the 6th new token becomes the end marker
+    first = next(i for i in range(20) if int(free[0, 4 + i]) == eos)
+    streamed: list[int] = []
+    out = generate(tiny_model, prompt, 20, temperature=0, eos_token_id=eos, on_token=streamed.append)
+    assert out.shape[1] == 4 + first + 1 and int(out[0, -1]) == eos
+    assert streamed == free[0, 4:4 + first].tolist()
+
+
+def test_same_seed_same_sample_and_different_seeds_differ(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 4))
+    a = generate(tiny_model, prompt, 25, temperature=1.5, seed=7)
+    b = generate(tiny_model, prompt, 25, temperature=1.5, seed=7)
+    c = generate(tiny_model, prompt, 25, temperature=1.5, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_top_k_and_top_p_restrict_what_is_sampled():
+    # Probabilities 0.4, 0.2, 0.15, 0.1, 0.08, 0.07 over six tokens.
+    logits = torch.tensor([[0.4, 0.2, 0.15, 0.1, 0.08, 0.07]]).log()
+    # top_k=4 alone: {0,1,2,3}; top_p=0.7 alone: {0,1,2} (mass ranked above token 2 is 0.6 < 0.7).
+    # Both: top-p runs on the top-4 renormalised (0.47, 0.24, 0.18, 0.12), where the mass ranked
+    # above token 2 is 0.71, so only {0,1} survive: smaller than either filter alone.
+    gen = torch.Generator().manual_seed(0)
+    for top_k, top_p, allowed in [(4, None, {0, 1, 2, 3}), (None, 0.7, {0, 1, 2}), (4, 0.7, {0, 1})]:
+        filtered = filter_logits(logits, 1.0, top_k, top_p)
+        draws = torch.multinomial(filtered.softmax(-1).expand(3000, -1), 1, generator=gen).flatten()
+        assert set(draws.tolist()) == allowed
+
+
+def test_generate_respects_top_k_end_to_end(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 3))
+    logits = tiny_model(prompt)[0, -1]
+    allowed = set(logits.topk(3).indices.tolist())
+    firsts = {int(generate(tiny_model, prompt, 1, temperature=2.0, top_k=3, seed=s)[0, -1]) for s in range(60)}
+    assert firsts <= allowed and len(firsts) > 1
+
+
+def test_repetition_penalty_discourages_repeats(tiny_model, tiny_config):
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 4))
+    plain = generate(tiny_model, prompt, 40, temperature=0)[0, 4:].tolist()
+    penalised = generate(tiny_model, prompt, 40, temperature=0, repetition_penalty=5.0)[0, 4:].tolist()
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_bad_settings_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="top_p"):
+        generate(tiny_model, [1, 2], 3, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(tiny_model, [1, 2], 3, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(tiny_model, [1, 2], 3, top_k=0)
+    with pytest.raises(ValueError, match="batch of one"):
+        generate(tiny_model, torch.ones(2, 2, dtype=torch.long), 3, on_token=print)
+
+
+def test_generation_config_updates_from_text():
+    cfg = GenerationConfig()
+    assert cfg.updated("temperature", "0.7").temperature == 0.7
+    assert cfg.updated("top_k", "none").top_k is None
+    assert cfg.updated("max_new_tokens", "12").max_new_tokens == 12
+    for name, text in [("temperature", "hot"), ("top_p", "2"), ("max_new_tokens", "-1"), ("colour", "1")]:
+        with pytest.raises(ValueError):
+            cfg.updated(name, text)
