@@ -1,0 +1,140 @@
+"""Training benchmark: the default model from scratch on the bundled data, and throughput.
+
+    python bench/bench_train.py                 # both parts (about 5 minutes on 2 cores)
+    python bench/bench_train.py --part recipe   # only: time to train + hit rate
+    python bench/bench_train.py --part speed    # only: tokens/s, fp32 vs bf16, loss curves
+
+Part "recipe" does what a person does after pressing Enter through `python main.py`: builds the
+tokenizer, pretrains, chat-tunes (the app's default recipe, ``default_stage_config``), then asks
+every bundled single-turn question greedily and counts answers equal to the trained answer. The
+target: at least 90% within 3 minutes of wall time for both stages.
+
+Part "speed" measures training tokens/s (forward + backward + AdamW step, the engine's own loop)
+for the default model and a larger one (hidden 512, 8 layers, 8 heads, max_seq_len 512), in fp32
+and bf16 autocast, and compares bf16's loss curve with fp32's over the same steps. Where the CPU
+has no native bf16 the bf16 runs are few steps (emulated bf16 is very slow) and marked as such.
+Results are printed and written to bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diyapp.chat import answer_hit_rate  # noqa: E402
+from diyapp.config import DIYConfig, preset  # noqa: E402
+from diyapp.data import bundled_corpus, qa_pairs  # noqa: E402
+from diyapp.device import cpu_supports_bf16, pick_device  # noqa: E402
+from diyapp.train import (Trainer, TrainConfig, build_tokenizer, default_stage_config,  # noqa: E402
+                          new_model)
+
+
+def recipe(seed: int) -> dict:
+    """Train the default model with the app's recipe; time it and measure the hit rate."""
+    started = time.perf_counter()
+    corpus = bundled_corpus()
+    tokenizer = build_tokenizer(corpus, DIYConfig().vocab_size)
+    torch.manual_seed(seed)
+    model = new_model(DIYConfig(), tokenizer)
+    results = {}
+    for stage in ("pretrain", "chat"):
+        config = default_stage_config(stage, model.config)
+        result = Trainer(model, tokenizer, stage, corpus, config).run()
+        results[stage] = {"steps": result.steps, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                          "seconds": round(result.elapsed_s, 1), "status": result.status,
+                          "tokens_per_s": round(result.tokens / result.elapsed_s)}
+    train_seconds = time.perf_counter() - started
+    pairs = qa_pairs(corpus)
+    eval_started = time.perf_counter()
+    report = answer_hit_rate(model, tokenizer, pairs)
+    return {
+        "vocab_size": tokenizer.vocab_size,
+        "parameters": model.num_parameters(),
+        "train_seconds_both_stages": round(train_seconds, 1),
+        "stages": results,
+        "questions": report.total,
+        "hits": report.hits,
+        "hit_rate": round(report.rate, 4),
+        "eval_seconds": round(time.perf_counter() - eval_started, 1),
+        "sample_misses": [{"question": q, "expected": a, "got": g} for q, a, g in report.misses[:5]],
+        "targets_met": report.rate >= 0.9 and train_seconds <= 180,
+    }
+
+
+def throughput(name: str, config: DIYConfig, batch_size: int, precision: str, steps: int, corpus, tokenizer,
+               seed: int) -> dict:
+    """Tokens/s over ``steps`` pretraining steps after one warm-up step; the per-step losses too."""
+    torch.manual_seed(seed)
+    model = new_model(config, tokenizer)
+    losses: list[float] = []
+    trainer = Trainer(model, tokenizer, "pretrain", corpus,
+                      TrainConfig(epochs=1000, batch_size=batch_size, lr=1e-3, val_fraction=0.0, seed=seed,
+                                  precision=precision, max_steps=steps + 1),
+                      on_event=lambda e: losses.append(e.loss) if e.kind == "step" else None)
+    trainer.run(steps=1)  # warm-up: allocator and kernel caches
+    result = trainer.run()
+    return {"model": name, "precision": precision, "batch": f"{batch_size}x{config.max_seq_len}",
+            "steps": steps, "tokens_per_s": round(result.tokens / result.elapsed_s, 1), "losses": losses}
+
+
+def speed(seed: int, quick: bool) -> dict:
+    corpus = bundled_corpus()
+    tokenizer = build_tokenizer(corpus, DIYConfig().vocab_size)
+    native = cpu_supports_bf16() or pick_device().type == "cuda"
+    rows = []
+    shapes = [("default", DIYConfig(dropout=0.0), 16), ("large", preset("large", dropout=0.0), 8)]
+    for name, config, batch in shapes:
+        fp32_steps = (6 if quick else 20) if name == "default" else (2 if quick else 6)
+        bf16_steps = fp32_steps if native else (2 if name == "default" else 1)
+        fp32 = throughput(name, config, batch, "fp32", fp32_steps, corpus, tokenizer, seed)
+        bf16 = throughput(name, config, batch, "bf16", bf16_steps, corpus, tokenizer, seed)
+        n = min(len(fp32["losses"]), len(bf16["losses"]))
+        gap = max(abs(a - b) for a, b in zip(fp32["losses"][:n], bf16["losses"][:n]))
+        rows.append({"model": name, "fp32": fp32, "bf16": bf16, "max_loss_gap_over_shared_steps": round(gap, 4)})
+    return {"native_bf16": native, "capability": torch.backends.cpu.get_cpu_capability(), "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("all", "recipe", "speed"), default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train.json"))
+    args = parser.parse_args()
+    out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    if args.part in ("all", "recipe"):
+        r = out["recipe"] = recipe(args.seed)
+        print(f"recipe: {r['parameters']:,} parameters, vocabulary {r['vocab_size']}")
+        for stage, s in r["stages"].items():
+            print(f"  {stage:8s} {s['steps']:5d} steps {s['seconds']:6.1f}s  train loss {s['train_loss']:.4f}"
+                  f"  val loss {s['val_loss'] if s['val_loss'] is None else round(s['val_loss'], 4)}"
+                  f"  {s['tokens_per_s']} tok/s")
+        print(f"  both stages (tokenizer included): {r['train_seconds_both_stages']} s (target <= 180 s)")
+        print(f"  hit rate: {r['hits']}/{r['questions']} = {r['hit_rate']:.1%} (target >= 90%)"
+              f"  [eval {r['eval_seconds']} s]")
+        for miss in r["sample_misses"]:
+            print(f"    miss: {miss['question']} -> {miss['got']!r} (expected {miss['expected']!r})")
+    if args.part in ("all", "speed"):
+        s = out["speed"] = speed(args.seed, args.quick)
+        print(f"speed: capability {s['capability']}, native bf16: {s['native_bf16']}")
+        print(f"  {'model':8s} {'batch':8s} {'fp32 tok/s':>11s} {'bf16 tok/s':>11s} {'bf16/fp32':>9s} {'max loss gap':>12s}")
+        for row in s["rows"]:
+            f, b = row["fp32"], row["bf16"]
+            print(f"  {row['model']:8s} {f['batch']:8s} {f['tokens_per_s']:11.1f} {b['tokens_per_s']:11.1f} "
+                  f"{b['tokens_per_s'] / f['tokens_per_s']:9.2f} {row['max_loss_gap_over_shared_steps']:12.4f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, ensure_ascii=False, indent=2))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

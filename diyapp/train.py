@@ -1,0 +1,562 @@
+"""The training engine: pretraining on plain text and chat tuning on dialogues.
+
+It prints nothing; progress goes to an ``on_event`` callback as :class:`TrainEvent` values. The
+learning-rate schedule is a pure function of the step and the data order a pure function of
+(seed, epoch), so the state needed for an exact resume is small and plain (see
+:meth:`Trainer.state_dict`). Under ``torchrun`` the same entry point trains with
+DistributedDataParallel; only rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import DIYConfig
+from .data import Corpus
+from .device import autocast_dtype, pick_device, precision_name
+from .model import DIYForCausalLM
+from .tokenizer import DIYTokenizer
+
+STAGES = ("pretrain", "chat")
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """How one stage trains. ``warmup_steps=None`` means 5% of the steps (at least 1)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    val_fraction: float = 0.05
+    eval_every: int = 0
+    patience: int = 0
+    seed: int = 42
+    precision: str = "auto"
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("epochs", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 1):
+            problems.append("lr must be a number in (0, 1]")
+        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
+            problems.append("min_lr must be between 0 and lr")
+        if not 0 <= self.val_fraction < 1:
+            problems.append("val_fraction must be in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append("precision must be auto, fp32 or bf16")
+        for name in ("eval_every", "patience"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append("max_steps must be positive")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainEvent:
+    """One progress report. ``kind``: start | step | eval | end."""
+
+    kind: str
+    stage: str
+    step: int
+    total_steps: int
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    val_loss: float | None = None
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended. ``status``: completed | early_stopped | interrupted | diverged | paused."""
+
+    status: str
+    stage: str
+    steps: int
+    total_steps: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    elapsed_s: float
+    tokens: int
+    message: str = ""
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start (no usable data) or cannot go on."""
+
+
+def build_tokenizer(corpus: Corpus, vocab_size: int = 6400) -> DIYTokenizer:
+    """A byte-level BPE trained on the corpus: its documents and its dialogues as the chat
+    template lays them out (role names included, special markers left to the tokenizer)."""
+    texts = list(corpus.texts)
+    for dialogue in corpus.dialogues:
+        texts.extend(f"{m['role']}\n{m['content']}\n" for m in dialogue)
+    if not texts:
+        raise TrainingError("the corpus is empty: nothing to build a vocabulary from")
+    return DIYTokenizer.train(texts, vocab_size)
+
+
+def new_model(config: DIYConfig, tokenizer: DIYTokenizer) -> DIYForCausalLM:
+    """A freshly initialised model whose vocabulary is the tokenizer's real size."""
+    return DIYForCausalLM(dataclasses.replace(config, vocab_size=tokenizer.vocab_size))
+
+
+def default_stage_config(stage: str, model_config: DIYConfig | None = None) -> TrainConfig:
+    """The recipe the app uses for a stage when the person presses Enter through the questions.
+
+    Tuned on the bundled data with the default model (see bench/bench_train.py): pretraining
+    teaches the language briefly, chat tuning trains on every dialogue (no held-out split, so
+    every bundled question is learned) until answers are reproduced.
+    """
+    if stage == "pretrain":
+        return TrainConfig(epochs=8, batch_size=16, lr=3e-3, min_lr=3e-4, val_fraction=0.05)
+    if stage == "chat":
+        return TrainConfig(epochs=40, batch_size=16, lr=3e-3, min_lr=1e-4, val_fraction=0.0)
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@dataclass
+class _Examples:
+    """Tokenised rows: ids and, for chat, the loss mask (1 where the target counts)."""
+
+    ids: list[list[int]]
+    masks: list[list[int]] | None
+
+
+def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train/validation split; at least one item stays in training."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    val = set(order[:n_val])
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+def pack_texts(tokenizer: DIYTokenizer, texts: list[str], max_seq_len: int) -> _Examples:
+    """Documents joined with end-of-text markers and cut into rows of ``max_seq_len`` tokens."""
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer.encode(text))
+        stream.append(tokenizer.eos_token_id)
+    rows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
+    return _Examples([r for r in rows if len(r) >= 2], None)
+
+
+def encode_dialogues(tokenizer: DIYTokenizer, dialogues: list[list[dict]], max_seq_len: int) -> _Examples:
+    """One row per dialogue with its assistant mask; rows are cut at ``max_seq_len`` and a row
+    left with no assistant token is dropped."""
+    ids, masks = [], []
+    for dialogue in dialogues:
+        row, mask = tokenizer.encode_chat(dialogue)
+        row, mask = row[:max_seq_len], mask[:max_seq_len]
+        if any(mask[1:]):
+            ids.append(row)
+            masks.append(mask)
+    return _Examples(ids, masks)
+
+
+def stage_examples(tokenizer: DIYTokenizer, corpus: Corpus, stage: str, max_seq_len: int,
+                   val_fraction: float, seed: int) -> tuple[_Examples, _Examples]:
+    """Training and validation rows for a stage, split by document/dialogue before tokenising."""
+    if stage == "pretrain":
+        train, val = _split(list(corpus.texts), val_fraction, seed)
+        return pack_texts(tokenizer, train, max_seq_len), pack_texts(tokenizer, val, max_seq_len)
+    if stage == "chat":
+        train, val = _split(list(corpus.dialogues), val_fraction, seed)
+        return encode_dialogues(tokenizer, train, max_seq_len), encode_dialogues(tokenizer, val, max_seq_len)
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+
+
+def _epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: shuffled, then grouped by length in windows of 32 batches so
+    rows of a batch pad little, then the batch order shuffled. A function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    window = batch_size * 32
+    batches = []
+    for i in range(0, len(order), window):
+        chunk = sorted(order[i:i + window], key=lambda j: lengths[j])
+        batches.extend(chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size))
+    shuffle = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def _collate(examples: _Examples, rows: list[int], pad_id: int, device: torch.device
+             ) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """Right-padded ``(ids, lengths, loss_mask, target_count)`` for the given row indices."""
+    width = max(len(examples.ids[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(examples.ids[i]) for i in rows], dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long) if examples.masks is not None else None
+    for r, i in enumerate(rows):
+        ids[r, :len(examples.ids[i])] = torch.tensor(examples.ids[i])
+        if mask is not None:
+            mask[r, :len(examples.masks[i])] = torch.tensor(examples.masks[i])
+    count = int((lengths - 1).clamp(min=0).sum()) if mask is None else int(mask[:, 1:].sum())
+    return (ids.to(device), lengths.to(device), None if mask is None else mask.to(device), count)
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and embeddings) only, never on norm scales."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+class _LossModule(nn.Module):
+    """Puts the loss in ``forward`` so DistributedDataParallel sees every training call."""
+
+    def __init__(self, model: DIYForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, lengths: Tensor, loss_mask: Tensor | None) -> Tensor:
+        return self.model.compute_loss(ids, seq_lengths=lengths, loss_mask=loss_mask)
+
+
+def _dist_world() -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, else from torchrun's variables."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Trainer:
+    """Trains one stage ("pretrain" or "chat") of ``model`` on ``corpus``.
+
+    Call :meth:`run`; it returns a :class:`TrainResult` and leaves the model, optimizer and data
+    position consistent at a step boundary whatever the ending (Ctrl-C included), so
+    :meth:`state_dict` can be saved and a later Trainer can :meth:`load_state_dict` and go on.
+    """
+
+    def __init__(self, model: DIYForCausalLM, tokenizer: DIYTokenizer, stage: str, corpus: Corpus,
+                 config: TrainConfig | None = None, on_event: Callable[[TrainEvent], None] | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.config = config or TrainConfig()
+        self.stage = stage
+        self.tokenizer = tokenizer
+        self.corpus_sources = list(corpus.sources)
+        self.rank, self.world = _dist_world()
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend)
+        if self.world > 1 and torch.cuda.is_available() and device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        self.device = pick_device(str(device) if device is not None else None)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device)
+        self.on_event = on_event if self.rank == 0 else None
+        self.amp_dtype = autocast_dtype(self.device, self.config.precision)
+        if model.config.vocab_size < tokenizer.vocab_size:
+            raise TrainingError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                                f"tokenizer's ({tokenizer.vocab_size})")
+        self.train_rows, self.val_rows = stage_examples(
+            tokenizer, corpus, stage, model.config.max_seq_len, self.config.val_fraction, self.config.seed)
+        if not self.train_rows.ids:
+            what = "text documents" if stage == "pretrain" else "dialogues with an assistant answer"
+            raise TrainingError(f"no training data for the {stage} stage: the corpus has no {what}")
+        if len(self.train_rows.ids) < self.world:
+            raise TrainingError(f"{len(self.train_rows.ids)} training rows cannot feed {self.world} processes")
+        self._lengths = [len(r) for r in self.train_rows.ids]
+        batches = math.ceil(len(self._lengths) / self.config.batch_size)
+        self.steps_per_epoch = math.ceil(batches / self.config.grad_accum)
+        total = self.steps_per_epoch * self.config.epochs
+        self.total_steps = min(total, self.config.max_steps) if self.config.max_steps else total
+        self.warmup = self.config.warmup_steps if self.config.warmup_steps is not None \
+            else max(1, round(0.05 * self.total_steps))
+        self.optimizer = make_optimizer(self.model, self.config.lr, self.config.weight_decay)
+        self._module: nn.Module = _LossModule(self.model)
+        if self.world > 1:
+            self._module = nn.parallel.DistributedDataParallel(
+                self._module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.tokens_seen = 0
+        self.best_val: float | None = None
+        self.bad_evals = 0
+        self.last_loss: float | None = None
+        self.last_val: float | None = None
+        self.loss_history: list[tuple[int, float]] = []
+        self._stop = False
+
+    # -- control ------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the run to stop at the next step boundary (safe from a signal handler)."""
+        self._stop = True
+
+    @contextlib.contextmanager
+    def _sigint_stops(self) -> Iterator[None]:
+        """While training in the main thread, Ctrl-C asks for a stop instead of raising mid-step."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says so (no-op for one process)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def _emit(self, kind: str, **values: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(TrainEvent(kind=kind, stage=self.stage, step=self.step, total_steps=self.total_steps,
+                                     epoch=self.epoch, epochs=self.config.epochs, **values))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per target token, or None without a validation split."""
+        if not self.val_rows.ids:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(self.val_rows.ids), self.config.batch_size):
+            rows = list(range(start, min(start + self.config.batch_size, len(self.val_rows.ids))))
+            ids, lengths, mask, n = _collate(self.val_rows, rows, self.tokenizer.pad_token_id, self.device)
+            if n == 0:
+                continue
+            with self._autocast():
+                loss = self.model.compute_loss(ids, seq_lengths=lengths, loss_mask=mask)
+            total += float(loss) * n
+            count += n
+        self.model.train(was_training)
+        return total / count if count else None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _micro_batches(self) -> Iterator[tuple[int, list[list[int]]]]:
+        """(epoch, micro-batches of one optimizer step), from the saved position onwards."""
+        accum = self.config.grad_accum
+        while self.epoch < self.config.epochs:
+            batches = _epoch_batches(self._lengths, self.config.batch_size, self.config.seed, self.epoch)
+            while self.batch_in_epoch < len(batches):
+                group = batches[self.batch_in_epoch:self.batch_in_epoch + accum]
+                yield self.epoch, group
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _step(self, group: list[list[int]]) -> tuple[float, int] | None:
+        """One optimizer step over ``group``; returns (loss, tokens) or None if the loss was not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for rows in group:
+            mine = rows[self.rank::self.world]
+            parts.append(_collate(self.train_rows, mine, self.tokenizer.pad_token_id, self.device))
+        local = torch.tensor([float(p[3]) for p in parts], device=self.device)
+        counts = local.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(counts)
+        total_targets = float(counts.sum())
+        loss_sum = 0.0
+        tokens = 0
+        for (ids, lengths, mask, n), n_local in zip(parts, local.tolist()):
+            tokens += int(lengths.sum())
+            # Each micro-batch's mean is re-weighted by its share of all targets in the step (over
+            # every rank), so K processes and one process compute the same gradient.
+            weight = n_local / total_targets * self.world if total_targets else 0.0
+            with self._autocast():
+                loss = self._module(ids, lengths, mask)
+            (loss * weight).backward()
+            loss_sum += float(loss.detach()) * n_local
+        loss_value = loss_sum / total_targets * self.world if total_targets else 0.0
+        if self.world > 1:
+            t = torch.tensor([loss_value / self.world], device=self.device)
+            torch.distributed.all_reduce(t)
+            loss_value = float(t)
+        if self._agree(not math.isfinite(loss_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        lr = lr_at(self.step, self.total_steps, self.config.lr, self.config.min_lr, self.warmup)
+        for group_ in self.optimizer.param_groups:
+            group_["lr"] = lr
+        self.optimizer.step()
+        return loss_value, tokens * self.world
+
+    def run(self, steps: int | None = None) -> TrainResult:
+        """Train until the stage's steps are done, early stopping, a stop request, divergence, or
+        ``steps`` more optimizer steps (status "paused"). Never leaves a half-done step."""
+        self._stop = False
+        self.model.train()
+        started = time.perf_counter()
+        run_start_step = self.step
+        run_tokens = 0
+        status, message = "completed", ""
+        eval_every = self.config.eval_every or self.steps_per_epoch
+        self._emit("start", message=f"{len(self.train_rows.ids)} training rows, "
+                                    f"{len(self.val_rows.ids)} validation rows, "
+                                    f"precision {precision_name(self.amp_dtype)}")
+        with self._sigint_stops():
+            for epoch, group in self._micro_batches():
+                if self.step >= self.total_steps:
+                    break
+                if steps is not None and self.step - run_start_step >= steps:
+                    status = "paused"
+                    break
+                if self._agree(self._stop):
+                    status, message = "interrupted", "stopped at a step boundary on request"
+                    break
+                outcome = self._step(group)
+                if outcome is None:
+                    status = "diverged"
+                    message = (f"the loss became NaN or infinite at step {self.step + 1}; the weights were "
+                               "left as they were before that step (try a lower learning rate)")
+                    break
+                loss, tokens = outcome
+                self.batch_in_epoch += len(group)
+                self.step += 1
+                self.tokens_seen += tokens
+                run_tokens += tokens
+                self.last_loss = loss
+                self.loss_history.append((self.step, loss))
+                elapsed = time.perf_counter() - started
+                rate = (self.step - run_start_step) / elapsed if elapsed > 0 else 0.0
+                self._emit("step", loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                           tokens_per_s=run_tokens / elapsed if elapsed > 0 else None, elapsed_s=elapsed,
+                           eta_s=(self.total_steps - self.step) / rate if rate > 0 else None)
+                if self.step % eval_every == 0 or self.step == self.total_steps:
+                    val = self.evaluate()
+                    if val is not None:
+                        self.last_val = val
+                        if self.best_val is None or val < self.best_val - 1e-4:
+                            self.best_val, self.bad_evals = val, 0
+                        else:
+                            self.bad_evals += 1
+                        self._emit("eval", loss=loss, val_loss=val, elapsed_s=elapsed)
+                        if self.config.patience and self.bad_evals >= self.config.patience:
+                            status = "early_stopped"
+                            message = f"validation loss did not improve for {self.bad_evals} evaluations"
+                            break
+        elapsed = time.perf_counter() - started
+        result = TrainResult(status=status, stage=self.stage, steps=self.step, total_steps=self.total_steps,
+                             train_loss=self.last_loss, val_loss=self.last_val, best_val_loss=self.best_val,
+                             elapsed_s=elapsed, tokens=run_tokens, message=message,
+                             loss_history=list(self.loss_history))
+        self._emit("end", loss=self.last_loss, val_loss=self.last_val, elapsed_s=elapsed, message=status)
+        return result
+
+    # -- exact resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as plain data (dicts, lists, numbers, strings, tensors).
+
+        The model weights are not included: checkpoints store them separately.
+        """
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "version": STATE_VERSION,
+            "stage": self.stage,
+            "config": self.config.to_dict(),
+            "corpus_sources": list(self.corpus_sources),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.step, "total_steps": self.total_steps, "warmup_steps": self.warmup,
+                          "peak_lr": self.config.lr, "min_lr": self.config.min_lr},
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val,
+            "bad_evals": self.bad_evals,
+            "last_loss": self.last_loss,
+            "last_val_loss": self.last_val,
+            "loss_history": [[s, l] for s, l in self.loss_history],
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output (model weights must already be loaded)."""
+        if state.get("version") != STATE_VERSION:
+            raise TrainingError(f"training state version {state.get('version')!r} is not supported")
+        if state.get("stage") != self.stage:
+            raise TrainingError(f"the saved state is for the {state.get('stage')!r} stage, not {self.stage!r}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.best_val = state.get("best_val_loss")
+        self.bad_evals = int(state.get("bad_evals", 0))
+        self.last_loss = state.get("last_loss")
+        self.last_val = state.get("last_val_loss")
+        self.loss_history = [(int(s), float(l)) for s, l in state.get("loss_history", [])]
+        sched = state.get("scheduler", {})
+        if sched.get("total_steps") == self.total_steps and "warmup_steps" in sched:
+            self.warmup = int(sched["warmup_steps"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
