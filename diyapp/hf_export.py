@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import HF_FORMAT, HF_VERSION, describe_hf  # noqa: F401  (re-exported)
 from .config import DIYConfig
 from .model import DIYForCausalLM
 
@@ -86,3 +87,147 @@ def from_hf_state_dict(state: dict[str, Tensor], config: DIYConfig) -> dict[str,
     if config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
+
+
+# --- export_hf / load_model_hf -------------------------------------------------------------------
+
+
+
+def _write_json(path: Any, data: Any) -> None:
+    import json
+
+    from .checkpoint import atomic_write
+
+    with atomic_write(path) as f:
+        f.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int | None]:
+    get = lambda name: getattr(tokenizer, name, None) if tokenizer is not None else None  # noqa: E731
+    return {"eos": get("eos_token_id"), "pad": get("pad_token_id"), "bos": get("bos_token_id"),
+            "im_end": get("im_end_id")}
+
+
+def export_hf(directory: str | Any, model: DIYForCausalLM, tokenizer: Any, *,
+              metadata: dict[str, Any] | None = None) -> Any:
+    """Write a Hugging Face model folder: ``config.json`` (LlamaForCausalLM), ``model.safetensors``,
+    ``generation_config.json``, ``tokenizer.json`` and ``tokenizer_config.json`` (with the chat
+    template). ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(directory)``
+    load it offline and compute the same logits. Returns the folder path.
+
+    Our config and metadata also ride in the safetensors header (``__metadata__``), so
+    :func:`load_model_hf` and ``list_checkpoints`` read them back exactly.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save as safetensors_save
+
+    from .checkpoint import CheckpointError, atomic_write, fill_metadata, tokenizer_string, unwrap_model
+
+    directory = Path(directory)
+    model = unwrap_model(model)
+    config = model.config
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(directory, "exists and is not a folder; choose another export folder")
+    meta = fill_metadata(directory, model, metadata)
+    tok_text = tokenizer_string(directory, tokenizer, config.vocab_size)
+    ids = _special_ids(tokenizer)
+    state = {}
+    for name, t in to_hf_state_dict(model).items():
+        t = t.detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(directory, f"cannot export: weight {name} holds non-finite values (NaN or "
+                                             "infinity; the training diverged?)")
+        state[name] = t.clone().contiguous()  # fused q/k/v views must not share memory in safetensors
+    header_meta = {"format": "pt", "diyapp_format": HF_FORMAT, "diyapp_format_version": str(HF_VERSION),
+                   "diyapp_config": json.dumps(config.to_dict()), "diyapp_metadata": json.dumps(meta)}
+    blob = safetensors_save(state, metadata=header_meta)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / "model.safetensors") as f:
+        f.write(blob)
+    hf_config = hf_llama_config(config, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                pad_token_id=ids["pad"])
+    _write_json(directory / "config.json", hf_config)
+    stop = [i for i in (ids["eos"], ids["im_end"]) if i is not None]
+    _write_json(directory / "generation_config.json", {
+        "bos_token_id": ids["bos"], "eos_token_id": stop[0] if len(stop) == 1 else (stop or None),
+        "pad_token_id": ids["pad"], **_sampling_defaults()})
+    if tok_text is not None:
+        with atomic_write(directory / "tokenizer.json") as f:
+            f.write(tok_text.encode("utf-8"))
+        _write_json(directory / "tokenizer_config.json", _tokenizer_config(tokenizer, config))
+    return directory
+
+
+def _sampling_defaults() -> dict[str, Any]:
+    """The app's own chat sampling defaults, so the export generates like ``diyapp chat``."""
+    try:
+        from .generation import GenerationConfig
+
+        g = GenerationConfig()
+        out: dict[str, Any] = {"do_sample": True, "temperature": g.temperature,
+                               "max_new_tokens": g.max_new_tokens}
+        if g.top_k:
+            out["top_k"] = g.top_k
+        if g.top_p:
+            out["top_p"] = g.top_p
+        if g.repetition_penalty != 1.0:
+            out["repetition_penalty"] = g.repetition_penalty
+        return out
+    except Exception:  # noqa: BLE001 - sampling hints are optional
+        return {}
+
+
+def _tokenizer_config(tokenizer: Any, config: DIYConfig) -> dict[str, Any]:
+    def text(i: int | None) -> str | None:
+        if i is None:
+            return None
+        try:
+            return tokenizer.token_text(i)
+        except Exception:  # noqa: BLE001 - an unusual tokenizer just leaves the field empty
+            return None
+
+    ids = _special_ids(tokenizer)
+    out = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_seq_len,
+        "bos_token": text(ids["bos"]),
+        "eos_token": text(ids["eos"]),
+        "pad_token": text(ids["pad"]),
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        out["chat_template"] = template
+    return out
+
+
+def load_model_hf(directory: Any, *, device: Any = None, strict: bool = True) -> Any:
+    """Load an :func:`export_hf` folder back into our model (a :class:`LoadedModel`)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import CheckpointError, build_loaded
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(directory, "not found: no such folder")
+    info = describe_hf(directory)
+    try:
+        config = DIYConfig.from_dict(info["config"])
+    except ValueError as exc:
+        raise CheckpointError(directory, f"its stored model config is invalid: {exc}") from None
+    try:
+        state = load_file(directory / "model.safetensors")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(directory, f"model.safetensors cannot be read ({exc})") from None
+    tok_path = directory / "tokenizer.json"
+    tok_text = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
+    return build_loaded(directory, "hf", info["config"], info["metadata"], tok_text,
+                        from_hf_state_dict(state, config), None, device=device, strict=strict)
