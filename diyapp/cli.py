@@ -1,15 +1,62 @@
 """Command line: the guided session (no arguments) and subcommands for scripts.
 
 Only argparse is imported at the top so that ``--help`` answers at once; each command imports
-the engine (and torch) when it runs.
+the engine (and torch) when it runs. Exit codes: 0 success, 1 failure (one line on stderr saying
+why), 2 usage error, 130 interrupted. Set ``DIYAPP_DEBUG=1`` to see tracebacks of unexpected errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Any, Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SUBCOMMANDS = ("train", "resume", "chat", "export", "info", "list")
+NEEDS_TERMINAL = ("diyapp: the guided session needs a terminal (stdin and stdout); in scripts use a "
+                  "subcommand: " + ", ".join(SUBCOMMANDS) + " (see `python main.py --help`)")
+
+
+class UsageError(Exception):
+    """A bad combination of options, found after parsing (exit code 2)."""
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _lr(text: str) -> float:
+    from .workflow import parse_lr
+
+    try:
+        return parse_lr(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_lr.__name__ = "learning rate"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+_float.__name__ = "number"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,17 +65,406 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python main.py",
         description="diyapp: train a small Chinese GPT from scratch, chat with it, save, resume and export it. "
                     "With no subcommand, opens the guided session (needs a terminal).",
+        epilog="exit codes: 0 success, 1 failure (one line on stderr says why), 2 usage error, 130 interrupted",
     )
     parser.add_argument("--version", action="version", version="diyapp 0.1.0")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a new model (pretraining, then chat tuning) and save it",
+                           description="Train a new model on the bundled data or your corpus, then save it. "
+                                       "Ctrl-C stops after the current step and saves what was learned "
+                                       "(resumable with `resume`).")
+    train.add_argument("--data", metavar="PATH", help="corpus file or folder (.json/.jsonl/.txt); default: bundled data")
+    train.add_argument("--preset", default="default", metavar="NAME",
+                       help="model size: default, large or tiny (default: %(default)s)")
+    for flag, dest, low in (("--hidden-size", "hidden_size", 2), ("--layers", "num_layers", 1),
+                            ("--heads", "num_heads", 1), ("--max-seq-len", "max_seq_len", 2),
+                            ("--vocab-size", "vocab_size", 1)):
+        train.add_argument(flag, dest=dest, type=_int_at_least(low), metavar="N", help=f"override the preset's {dest}")
+    train.add_argument("--pretrain-epochs", type=_int_at_least(0), metavar="N",
+                       help="pretraining epochs (0 skips the stage; default: the recipe's)")
+    train.add_argument("--chat-epochs", type=_int_at_least(0), metavar="N",
+                       help="chat-tuning epochs (0 skips the stage; default: the recipe's)")
+    train.add_argument("--lr", type=_lr, metavar="LR", help="peak learning rate for every stage (default: the recipe's)")
+    train.add_argument("--batch-size", type=_int_at_least(1), metavar="N", help="batch size (default: the recipe's)")
+    train.add_argument("--max-steps", type=_int_at_least(1), metavar="N", help="at most N optimizer steps per stage")
+    train.add_argument("--seed", type=_int_at_least(0), default=42, metavar="N", help="random seed (default: 42)")
+    _add_save_options(train, "where to save (default: checkpoints/model_final.pt, exports/model_final.json)")
+    train.add_argument("--save-pretrained", metavar="PATH",
+                       help="also save a .pt checkpoint when pretraining finishes")
+
+    resume = sub.add_parser("resume", help="continue an unfinished training run exactly from a .pt checkpoint",
+                            description="Continue the unfinished stage saved in a .pt checkpoint, then the stages "
+                                        "still planned after it, and save the result.")
+    resume.add_argument("--model", required=True, metavar="PATH", help="the .pt checkpoint")
+    _add_save_options(resume, "where to save (default: back into --model for .pt)")
+
+    chat = sub.add_parser("chat", help="chat with a saved model (one answer with --prompt; one per line when piped)",
+                          description="Chat with a model. With --prompt: one answer, then exit. On a terminal: the "
+                                      "chat loop. With piped input: one answer per input line (each on one "
+                                      "output line), until end of input or exit; clear forgets the conversation.")
+    chat.add_argument("--model", required=True, metavar="PATH", help="a .pt checkpoint, JSON export or HF folder")
+    chat.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
+    chat.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (0 = greedy)")
+    chat.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
+    chat.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (1 = off)")
+    chat.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens")
+    chat.add_argument("--seed", type=int, metavar="N", help="make the sampling repeatable")
+
+    export = sub.add_parser("export", help="write a model as .pt, JSON or a Hugging Face folder",
+                            description="Convert a saved model: --pt (binary, keeps training state), --json "
+                                        "(readable by other tools), --hf (Hugging Face Llama folder).")
+    export.add_argument("--model", required=True, metavar="PATH", help="the model to export")
+    export.add_argument("--json", metavar="OUT", help="write a JSON export")
+    export.add_argument("--pt", metavar="OUT", help="write a .pt checkpoint")
+    export.add_argument("--hf", metavar="DIR", help="write a Hugging Face Llama folder")
+    export.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    info = sub.add_parser("info", help="show what a saved model is (without loading its weights)")
+    info.add_argument("--model", required=True, metavar="PATH", help="a .pt checkpoint, JSON export or HF folder")
+
+    list_ = sub.add_parser("list", help="list the saved models in checkpoints/ and exports/")
+    list_.add_argument("folders", nargs="*", default=["checkpoints", "exports"], metavar="FOLDER",
+                       help="folders to look in (default: checkpoints exports)")
     return parser
+
+
+def _add_save_options(parser: argparse.ArgumentParser, save_help: str) -> None:
+    parser.add_argument("--save", metavar="PATH", help=save_help + "; with --format both: PATH.pt and PATH.json")
+    parser.add_argument("--format", choices=("pt", "json", "both"), default="pt",
+                        help="pt (binary, resumable), json (export) or both (default: pt)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _say(text: str = "", err: bool = False) -> None:
+    """Print one line unless this is a non-zero rank of a torchrun launch."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _save_targets(save: str | None, fmt: str, default_stem: str = "model_final") -> list[tuple[Any, str]]:
+    """(path, format) pairs for ``--save``/``--format``: ``both`` writes PATH.pt and PATH.json."""
+    from pathlib import Path
+
+    from .workflow import default_path, with_suffix
+
+    formats = ("pt", "json") if fmt == "both" else (fmt,)
+    if save is None:
+        return [(default_path(f, default_stem), f) for f in formats]
+    base = Path(save).expanduser()
+    if fmt == "both":
+        stem = base.with_suffix("") if base.suffix.lower() in (".pt", ".json") else base
+        return [(with_suffix(stem, f), f) for f in formats]
+    return [(with_suffix(base, fmt), fmt)]
+
+
+def _check_targets(targets: list[tuple[Any, str]], force: bool, allowed: set[str] = frozenset()) -> None:
+    """Fail before any work when a target cannot be written or would overwrite a file unasked."""
+    from .workflow import path_problem
+
+    for path, fmt in targets:
+        if fmt == "hf":
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{path} is a file, not a folder")
+            if path.is_dir() and any(path.iterdir()) and not force:
+                raise FileExistsError(f"{path} is not empty; pass --force to overwrite")
+            continue
+        problem = path_problem(path, fmt)
+        if problem:
+            raise UsageError(f"{path}: {problem}")
+        if path.exists() and not force and os.path.realpath(path) not in allowed:
+            raise FileExistsError(f"{path} already exists; pass --force to overwrite it or --save another path")
+
+
+def _progress() -> Any:
+    """A rich bar when stderr is a terminal, else a plain line every few seconds."""
+    from .ui.views import PlainProgress, TrainingView, make_console
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    if sys.stderr.isatty():
+        return TrainingView(make_console(stderr=True))
+    return PlainProgress(sys.stderr)
+
+
+def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[Any, str]],
+                    pretrained: Any = None) -> int:
+    """Run the plans with progress, save to ``targets`` whatever the ending, report in one line each."""
+    from . import workflow as wf
+
+    progress = _progress()
+
+    def after_stage(b: Any, result: Any) -> None:
+        if pretrained is not None and result.stage == "pretrain":
+            saved = wf.save(b, pretrained, "pt")
+            _say(f"saved {saved.path} ({wf.human_size(saved.size_bytes)})", err=True)
+
+    interrupted = False
+    try:
+        wf.run_plans(bench, plans, corpus, on_event=progress, after_stage=after_stage)
+    except KeyboardInterrupt:  # between stages (while preparing the next one's data)
+        interrupted = True
+    finally:
+        if progress is not None:
+            progress.close()
+    if not bench.results:
+        _say("interrupted before any training step; nothing to save", err=True)
+        return EXIT_INTERRUPTED
+    last = bench.results[-1]
+    interrupted = interrupted or last.status == "interrupted"
+    saved = [wf.save(bench, path, fmt) for path, fmt in targets]
+    stages = "; ".join(f"{r.stage} {r.status} {r.steps}/{r.total_steps} steps, loss "
+                       f"{'-' if r.train_loss is None else f'{r.train_loss:.4f}'}" for r in bench.results)
+    _say(f"trained: {stages}")
+    for item in saved:
+        _say(f"saved {item.path} ({wf.human_size(item.size_bytes)})")
+    if last.status == "diverged":
+        _say(f"error: {last.message}", err=True)
+        return EXIT_FAILURE
+    if interrupted:
+        pt = next((str(p) for p, f in targets if f == "pt"), None)
+        hint = f"; continue with: python main.py resume --model {pt}" if pt else ""
+        _say(f"interrupted at step {last.steps}/{last.total_steps} of {last.stage}{hint}", err=True)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import workflow as wf
+    from .config import ConfigError
+
+    try:
+        config = wf.model_config(args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                                 num_heads=args.num_heads, max_seq_len=args.max_seq_len, vocab_size=args.vocab_size)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    targets = _save_targets(args.save, args.format)
+    pretrained = wf.with_suffix(args.save_pretrained, "pt") if args.save_pretrained else None
+    _check_targets(targets + ([(pretrained, "pt")] if pretrained else []), args.force)
+    corpus = wf.load_data(args.data)
+    plans, notes = wf.plan_new(corpus, config, pretrain_epochs=args.pretrain_epochs, chat_epochs=args.chat_epochs,
+                               lr=args.lr, seed=args.seed, batch_size=args.batch_size, max_steps=args.max_steps)
+    for note in notes:
+        _say(note, err=True)
+    bench = wf.start_new(corpus, config, seed=args.seed)
+    _say(f"model: {wf.human_count(bench.model.num_parameters())} parameters, vocabulary {bench.tokenizer.vocab_size}, "
+         f"data: {len(corpus.texts)} documents, {len(corpus.dialogues)} dialogues", err=True)
+    return _train_and_save(bench, plans, corpus, targets, pretrained)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import workflow as wf
+
+    source = Path(args.model).expanduser()
+    if args.save is None and args.format == "pt" and source.suffix.lower() in (".pt", ".pth"):
+        targets = [(source, "pt")]
+    else:
+        targets = _save_targets(args.save, args.format)
+    _check_targets(targets, args.force, allowed={os.path.realpath(source)})
+    loaded = wf.open_model(source)
+    bench, corpus, plans = wf.prepare_resume(loaded, source)
+    first = plans[0]
+    where = (f"{first.stage} step {first.state.get('step')}/{first.state.get('scheduler', {}).get('total_steps')}"
+             if first.state is not None else f"the start of {first.stage}")
+    _say(f"resuming {source} at {where}; stages: {', '.join(p.stage for p in plans)}", err=True)
+    return _train_and_save(bench, plans, corpus, targets)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .generation import GenerationConfig
+
+    settings = GenerationConfig()
+    for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            try:
+                settings = settings.updated(name, str(value))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+    return settings
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from . import workflow as wf
+    from .chat import ChatSession
+    from .ui.chat_loop import parse_command, stream_answer
+
+    settings = _settings(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    loaded = wf.open_model(args.model)
+    bench = wf.bench_from_loaded(loaded, args.model)
+    if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
+        from .ui.app import App
+        from .ui.chat_loop import run_chat
+
+        app = App(preload=False)
+        return run_chat(bench, app.console, app.prompter, settings=settings,
+                        on_save=lambda: app.save_flow(bench, ask_first=False))
+    session = ChatSession(bench.model, bench.tokenizer, settings)
+    lines = [args.prompt] if args.prompt is not None else sys.stdin
+    for line in lines:
+        message = line.strip()
+        if not message:
+            continue
+        command = parse_command(message) if args.prompt is None else None
+        if command is not None:
+            name, rest = command
+            if name == "exit":
+                break
+            if name == "clear":
+                session.clear()
+            elif name == "set":
+                from .ui.chat_loop import apply_settings
+
+                session.settings, problems = apply_settings(session.settings, rest)
+                for problem in problems:
+                    _say(f"error: {problem}", err=True)
+            else:
+                _say(f"note: the {name!r} command is only available on a terminal", err=True)
+            continue
+        stream_answer(session, message, _OneLine(sys.stdout), seed=args.seed)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+class _OneLine:
+    """A text stream that keeps each answer on one line (line breaks become spaces) for scripts."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text.replace("\r", " ").replace("\n", " "))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import workflow as wf
+
+    if not (args.json or args.pt or args.hf):
+        raise UsageError("say what to write: --json OUT, --pt OUT and/or --hf DIR")
+    targets = []
+    if args.pt:
+        targets.append((wf.with_suffix(args.pt, "pt"), "pt"))
+    if args.json:
+        targets.append((wf.with_suffix(args.json, "json"), "json"))
+    if args.hf:
+        targets.append((Path(args.hf).expanduser(), "hf"))
+    source = os.path.realpath(Path(args.model).expanduser())
+    if any(os.path.realpath(p) == source for p, _ in targets):
+        raise UsageError("the output would overwrite --model itself; choose another path")
+    _check_targets(targets, args.force)
+    loaded = wf.open_model(args.model, device=None)
+    bench = wf.bench_from_loaded(loaded, args.model)
+    out = {fmt: path for path, fmt in targets}
+    saved = wf.export(bench, pt_path=out.get("pt"), json_path=out.get("json"), hf_dir=out.get("hf"))
+    for item in saved:
+        _say(f"saved {item.path} ({wf.human_size(item.size_bytes)})")
+    return EXIT_OK
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import describe_checkpoint
+    from .workflow import human_size
+
+    d = describe_checkpoint(Path(args.model).expanduser())
+    cfg = d.get("config") or {}
+    meta = d.get("metadata") or {}
+    rows = [("path", d.get("path")), ("format", d.get("format")), ("size", human_size(int(d.get("size_bytes") or 0))),
+            ("parameters", meta.get("parameters")), ("vocab_size", cfg.get("vocab_size")),
+            ("layers", cfg.get("num_layers")), ("hidden_size", cfg.get("hidden_size")),
+            ("heads", cfg.get("num_heads")), ("max_seq_len", cfg.get("max_seq_len")),
+            ("stage", meta.get("stage")), ("steps", meta.get("steps")), ("train_loss", meta.get("train_loss")),
+            ("val_loss", meta.get("val_loss")), ("training state", "yes" if d.get("has_train_state") else "no"),
+            ("resumable", "yes" if meta.get("resumable") else "no"), ("created", meta.get("created_at"))]
+    for key, value in rows:
+        _say(f"{key + ':':<16}{'-' if value is None else value}")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .checkpoint import list_checkpoints
+
+    infos = list_checkpoints(args.folders)
+    if not infos:
+        _say(f"no saved models in {', '.join(args.folders)}")
+        return EXIT_OK
+    if sys.stdout.isatty():
+        from .ui.views import checkpoint_table, make_console
+
+        make_console().print(checkpoint_table(infos))
+        return EXIT_OK
+    import datetime as dt
+
+    _say("\t".join(("path", "format", "size_bytes", "modified", "parameters", "stage", "steps", "last_loss", "error")))
+    for i in infos:
+        modified = dt.datetime.fromtimestamp(i.modified).isoformat(timespec="seconds") if i.modified else "-"
+        values = (i.path, i.format, i.size_bytes, modified, i.parameters, i.stage, i.steps, i.last_loss, i.error)
+        _say("\t".join("-" if v is None else " ".join(str(v).split()) for v in values))
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "resume": cmd_resume, "chat": cmd_chat, "export": cmd_export, "info": cmd_info,
+    "list": cmd_list,
+}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+
+    return (CheckpointError, ConfigError, DataError, TrainingError, ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already explained by argparse)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
-        print("diyapp: the guided session is not built yet; see `python main.py --help`.", file=sys.stderr)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            print(NEEDS_TERMINAL, file=sys.stderr)
+            return EXIT_USAGE
+        from .ui.app import run_app
+
+        return run_app()
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _say("interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except UsageError as err:
+        _say(f"{parser.prog} {args.command}: error: {_one_line(err)}", err=True)
         return EXIT_USAGE
-    return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - a script gets one line, never a traceback
+        if os.environ.get("DIYAPP_DEBUG"):
+            raise
+        known = isinstance(err, _known_errors())
+        _say(f"error: {_one_line(err)}" if known else f"error: {type(err).__name__}: {_one_line(err)}", err=True)
+        return EXIT_FAILURE

@@ -454,10 +454,10 @@ class Trainer:
         run_tokens = 0
         status, message = "completed", ""
         eval_every = self.config.eval_every or self.steps_per_epoch
-        self._emit("start", message=f"{len(self.train_rows.ids)} training rows, "
-                                    f"{len(self.val_rows.ids)} validation rows, "
-                                    f"precision {precision_name(self.amp_dtype)}")
         with self._sigint_stops():
+            self._emit("start", message=f"{len(self.train_rows.ids)} training rows, "
+                                        f"{len(self.val_rows.ids)} validation rows, "
+                                        f"precision {precision_name(self.amp_dtype)}")
             for epoch, group in self._micro_batches():
                 if self.step >= self.total_steps:
                     break

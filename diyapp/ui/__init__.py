@@ -1,0 +1,1 @@
+"""The interactive session: questionary prompts and rich output over :mod:`diyapp.workflow`."""

@@ -1,0 +1,173 @@
+"""The chat loop: streamed answers, commands (exit, clear, save, help, set) and Ctrl-C/Ctrl-D."""
+
+from __future__ import annotations
+
+import shlex
+from typing import TYPE_CHECKING, Callable, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .prompts import CHAT_PROMPT, Prompter
+
+if TYPE_CHECKING:
+    from ..chat import ChatSession, Reply
+    from ..generation import GenerationConfig
+    from ..workflow import Workbench
+
+ASSISTANT_PREFIX = "🤖 助手: "
+COMMANDS = {
+    "exit": "exit", "quit": "exit", "退出": "exit", "bye": "exit",
+    "clear": "clear", "清空": "clear", "reset": "clear",
+    "save": "save", "保存": "save",
+    "help": "help", "帮助": "help", "?": "help", "？": "help",
+    "set": "set", "设置": "set",
+}
+SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty")
+HELP = """命令 commands:
+  exit / quit / 退出        结束对话 end the chat
+  clear / 清空              忘掉之前的对话 forget the conversation
+  save / 保存               保存模型 save the model (.pt / JSON)
+  set                       查看生成设置 show the sampling settings
+  set temperature=0.7       修改设置 change one (also top_k=, top_p=, max_new_tokens=; top_k=none turns it off)
+  help / 帮助               显示本帮助 this help
+回答时按 Ctrl-C 可打断回答；在提示符处按 Ctrl-C 或 Ctrl-D 退出。
+Ctrl-C while answering stops the answer; Ctrl-C or Ctrl-D at the prompt quits."""
+
+
+def parse_command(line: str) -> tuple[str, str] | None:
+    """``(command, rest)`` when ``line`` is a chat command (a leading ``/`` is allowed), else None."""
+    text = line.strip()
+    word, _, rest = text.lstrip("/").partition(" ")
+    name = COMMANDS.get(word.lower())
+    if name is None:
+        return None
+    if name != "set" and rest.strip():
+        return None  # "exit the building" is a message, not a command
+    return name, rest.strip()
+
+
+def apply_settings(settings: "GenerationConfig", text: str) -> tuple["GenerationConfig", list[str]]:
+    """``temperature=0.7 top_k=20`` (or ``temperature 0.7``) applied to ``settings``; returns the new
+    settings and the problems found (settings that failed are left as they were)."""
+    problems: list[str] = []
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if "=" in word:
+            name, _, value = word.partition("=")
+            if not value and i + 1 < len(words):
+                value, i = words[i + 1], i + 1
+            pairs.append((name, value))
+        elif i + 1 < len(words):
+            pairs.append((word, words[i + 1]))
+            i += 1
+        else:
+            problems.append(f"{word}: 缺少取值 missing a value (e.g. set {word}=0.7)")
+        i += 1
+    for name, value in pairs:
+        try:
+            settings = settings.updated(name.strip().lower(), value)
+        except ValueError as err:
+            problems.append(str(err))
+    return settings, problems
+
+
+def settings_table(settings: "GenerationConfig") -> Table:
+    table = Table(title="生成设置 sampling settings", title_justify="left", show_header=False, box=None,
+                  padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in settings.to_dict().items():
+        table.add_row(name, "none" if value is None else str(value))
+    return table
+
+
+def reply_stats(reply: "Reply") -> str:
+    """The dim line under an answer."""
+    parts = [f"{reply.tokens} tokens", f"{reply.tokens_per_s:.1f} tokens/s"]
+    if reply.dropped_turns:
+        parts.append(f"上下文已满，丢弃了最早的 {reply.dropped_turns} 轮对话 (oldest turns dropped)")
+    if reply.truncated_prompt:
+        parts.append("消息太长，只保留了结尾 (message cut to fit)")
+    if not reply.finished:
+        parts.append("达到长度上限 (length limit)")
+    return " · ".join(parts)
+
+
+def stream_answer(session: "ChatSession", message: str, out: TextIO, seed: int | None = None) -> "Reply":
+    """Answer ``message``, writing the text to ``out`` as plain text as it is generated."""
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+    return session.reply(message, on_text=write, seed=seed)
+
+
+def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
+             on_save: Callable[[], None] | None = None, settings: "GenerationConfig | None" = None) -> int:
+    """Chat until ``exit`` (0), Ctrl-D (0) or Ctrl-C at the prompt (130)."""
+    from ..chat import ChatSession
+
+    session = ChatSession(bench.model, bench.tokenizer, settings)
+    console.print(Text("开始对话吧！输入 help 查看命令，exit 退出。 Chat away; type help for commands, exit to quit.",
+                       style="bold green"))
+    while True:
+        try:
+            line = prompter.chat_line(CHAT_PROMPT)
+        except KeyboardInterrupt:
+            console.print(Text("\n再见 bye (Ctrl-C)", style="dim"))
+            return 130
+        except EOFError:
+            console.print(Text("\n再见 bye", style="dim"))
+            return 0
+        if not line.strip():
+            continue
+        command = parse_command(line)
+        if command is None:
+            _answer(session, line.strip(), console)
+            continue
+        name, rest = command
+        if name == "exit":
+            console.print(Text("再见 bye", style="dim"))
+            return 0
+        if name == "clear":
+            session.clear()
+            console.print(Text("已清空对话 conversation cleared", style="dim"))
+        elif name == "help":
+            console.print(Text(HELP))
+        elif name == "set":
+            if rest:
+                session.settings, problems = apply_settings(session.settings, rest)
+                for problem in problems:
+                    console.print(Text(f"✗ {problem}", style="red"))
+            console.print(settings_table(session.settings))
+        elif name == "save":
+            if on_save is None:
+                console.print(Text("这里不能保存 saving is not available here", style="yellow"))
+            else:
+                on_save()
+
+
+def _answer(session: "ChatSession", message: str, console: Console) -> None:
+    console.out(ASSISTANT_PREFIX, end="", highlight=False)
+    console.file.flush()
+    try:
+        reply = stream_answer(session, message, console.file)
+    except KeyboardInterrupt:
+        console.out("")
+        console.print(Text("（回答已中断 answer stopped）", style="yellow"))
+        return
+    except (RuntimeError, ValueError) as err:  # e.g. out of memory: say so and keep the conversation
+        console.out("")
+        console.print(Text(f"✗ 生成失败 generation failed: {' '.join(str(err).split())}", style="red"))
+        return
+    if not reply.text:
+        console.print(Text("（没有生成内容 no text）", style="dim"), end="")
+    console.out("")
+    console.print(Text(reply_stats(reply), style="dim"))

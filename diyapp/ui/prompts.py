@@ -1,0 +1,141 @@
+"""Validated questions (questionary over prompt_toolkit).
+
+A bad answer is refused in place: the reason shows under the prompt and the question stays open.
+An empty answer takes the default shown in the question. Ctrl-C raises ``KeyboardInterrupt`` and
+Ctrl-D ``EOFError``; callers decide what that means. Tests pass a prompt_toolkit pipe input and
+``DummyOutput`` to :class:`Prompter`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+T = TypeVar("T")
+
+#: A validator: the parsed value, or raises ValueError with a message for the person.
+Parser = Callable[[str], Any]
+
+CHAT_PROMPT = "👤 用户: "
+
+
+# --- parsers (pure, testable) ---------------------------------------------------------------------
+
+def int_parser(low: int, high: int, what: str = "数值") -> Parser:
+    """Whole numbers from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        raw = text.strip()
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{what}需要一个整数（whole number），而不是 {raw!r}") from None
+        if value < low:
+            raise ValueError(f"{what}至少是 {low}（got {value}）")
+        if value > high:
+            raise ValueError(f"{what}最多是 {high}（got {value}），这个值不合理")
+        return value
+    return parse
+
+
+def float_parser(low_exclusive: float, high: float, what: str = "数值", example: str = "0.0001") -> Parser:
+    """Finite numbers in ``(low_exclusive, high]``."""
+    def parse(text: str) -> float:
+        raw = text.strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{what}需要一个数字，例如 {example}（got {raw!r}）") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what}必须是有限的数字（got {raw}）")
+        if value <= low_exclusive:
+            raise ValueError(f"{what}必须大于 {low_exclusive:g}（got {raw}）")
+        if value > high:
+            raise ValueError(f"{what} {raw} 太大了，最多 {high:g}")
+        return value
+    return parse
+
+
+def epochs_parser() -> Parser:
+    from ..workflow import MAX_EPOCHS
+    return int_parser(1, MAX_EPOCHS, "训练轮数 epochs ")
+
+
+def lr_parser() -> Parser:
+    from ..workflow import MAX_LR
+    return float_parser(0.0, MAX_LR, "学习率 learning rate ")
+
+
+def check(parser: Parser, text: str, default: str = "") -> str | None:
+    """The message for a refused answer, or None when ``text`` (or the default for "") is fine."""
+    try:
+        parser(text if text.strip() else default)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+# --- the questions --------------------------------------------------------------------------------
+
+@dataclass
+class Option(Generic[T]):
+    """One menu entry: its label and the value it stands for (``disabled``: why it cannot be picked)."""
+
+    title: str
+    value: T
+    disabled: str | None = None
+
+
+class Prompter:
+    """Asks questions on the terminal, or on a given prompt_toolkit input/output (tests)."""
+
+    def __init__(self, input: Any = None, output: Any = None) -> None:
+        self.io: dict[str, Any] = {}
+        if input is not None:
+            self.io["input"] = input
+        if output is not None:
+            self.io["output"] = output
+        self._chat_session: Any = None
+
+    def select(self, message: str, options: Sequence[Option[T]], default: T | None = None) -> T:
+        """One of ``options`` (arrow keys or its number, then Enter)."""
+        import questionary
+
+        choices = [questionary.Choice(o.title, value=o.value, disabled=o.disabled) for o in options]
+        start = None
+        if default is not None:
+            start = next((c for c, o in zip(choices, options) if o.value == default and not o.disabled), None)
+        answer = questionary.select(message, choices=choices, default=start, use_shortcuts=len(choices) <= 36,
+                                    instruction="（方向键或数字选择，回车确认）", **self.io).unsafe_ask()
+        return answer
+
+    def confirm(self, message: str, default: bool = True) -> bool:
+        """Yes or no (y/n then Enter; Enter alone takes the default)."""
+        import questionary
+
+        return bool(questionary.confirm(message, default=default, auto_enter=False, **self.io).unsafe_ask())
+
+    def ask(self, message: str, parse: Parser, default: Any = None) -> Any:
+        """A typed answer parsed by ``parse``; refused answers show why and the question stays open.
+        Empty input takes ``default`` (shown in the question)."""
+        import questionary
+
+        default_text = "" if default is None else str(default)
+        label = f"{message}（默认 {default_text}）" if default_text else message
+
+        def validate(text: str) -> bool | str:
+            if not text.strip() and not default_text:
+                return "请输入一个值（please type a value）"
+            problem = check(parse, text, default_text)
+            return True if problem is None else problem
+
+        text = questionary.text(label, validate=validate, **self.io).unsafe_ask()
+        return parse(text if text.strip() else default_text)
+
+    def chat_line(self, message: str = CHAT_PROMPT) -> str:
+        """One line typed at the chat prompt (with history for the up arrow)."""
+        from prompt_toolkit import PromptSession
+
+        if self._chat_session is None:
+            self._chat_session = PromptSession(**self.io)
+        return self._chat_session.prompt(message)

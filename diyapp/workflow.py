@@ -1,0 +1,545 @@
+"""The app's steps without any UI: start a model, train its stages, resume, continue, save, export.
+
+The guided session (``diyapp/ui``) and the subcommands (``diyapp/cli.py``) are thin layers over
+these functions. Nothing here prints or asks; progress goes to ``on_event`` callbacks and problems
+are raised as the engine's errors (``DataError``, ``CheckpointError``, ``TrainingError``,
+``ConfigError``, ``ValueError``, ``OSError``), each with a message fit to show a person.
+
+PyTorch and the engine are imported inside the functions so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .config import DIYConfig, preset
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedModel
+    from .data import Corpus
+    from .model import DIYForCausalLM
+    from .tokenizer import DIYTokenizer
+    from .train import TrainConfig, Trainer, TrainEvent, TrainResult
+
+STAGES = ("pretrain", "chat")
+STAGE_NAMES = {"pretrain": "预训练 pretrain", "chat": "对话微调 chat"}
+#: Where the app looks for saved models, relative to the working directory.
+MODEL_FOLDERS = ("checkpoints", "exports")
+DEFAULT_PRETRAINED = Path("checkpoints/model_pretrained.pt")
+DEFAULT_PT = Path("checkpoints/model_final.pt")
+DEFAULT_JSON = Path("exports/model_final.json")
+CONTINUE_EPOCHS = 50
+CONTINUE_LR = 1e-4
+#: Sanity bounds for numbers a person types (values outside are refused as mistakes).
+MAX_EPOCHS = 100_000
+MAX_LR = 0.1
+
+EventCallback = Callable[["TrainEvent"], None]
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a ``torchrun`` launch (they neither print nor write files)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# --- model size and data -----------------------------------------------------------------------
+
+def model_config(size: str = "default", **fields_: Any) -> DIYConfig:
+    """The config of a new model: a named size ("default", "large", "tiny", or "custom", which is the
+    default with the given fields changed). ``None`` field values are ignored."""
+    name = "default" if size == "custom" else size
+    return preset(name, **{k: v for k, v in fields_.items() if v is not None})
+
+
+def load_data(path: str | os.PathLike | None = None) -> "Corpus":
+    """The bundled corpus (``path`` None) or the user's corpus at ``path`` (file or folder)."""
+    from .data import DataError, bundled_corpus, load_corpus
+
+    if path is None or str(path).strip() == "":
+        return bundled_corpus()
+    target = Path(path).expanduser()
+    if not target.exists():
+        raise DataError(f"{target}: no such file or folder")
+    return load_corpus(target.resolve())
+
+
+def corpus_from_sources(sources: Sequence[str]) -> "Corpus":
+    """Reload the corpus a model was trained on from its recorded source files (exact resume needs
+    the same rows). The bundled data is recognised and read as such."""
+    from .data import Corpus, DataError, bundled_corpus, load_corpus
+
+    # A folder's listing also notes the files it skipped ("path (skipped: why)"): they held no data.
+    sources = [str(s) for s in sources or [] if not str(s).endswith(")") or " (skipped: " not in str(s)]
+    if not sources:
+        raise DataError("the checkpoint does not record which data it was trained on")
+    try:
+        bundled = bundled_corpus()
+    except (DataError, OSError):
+        bundled = None
+    if bundled is not None and _same_files(sources, bundled.sources):
+        return bundled
+    missing = [s for s in sources if not Path(s).exists()]
+    if missing:
+        raise DataError(f"the training data {missing[0]} is no longer there; put it back or train on other data")
+    parts = [load_corpus(Path(s)) for s in sources]
+    if len(parts) == 1:
+        return parts[0]
+    return Corpus(texts=[t for p in parts for t in p.texts], dialogues=[d for p in parts for d in p.dialogues],
+                  sources=[s for p in parts for s in p.sources])
+
+
+def _same_files(a: Sequence[str], b: Sequence[str]) -> bool:
+    def norm(paths: Sequence[str]) -> set[str]:
+        return {os.path.realpath(p) for p in paths}
+    return bool(a) and norm(a) == norm(b)
+
+
+# --- stages ------------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    """One stage to train: its name and config, and, for an exact resume, the saved trainer state
+    (an unfinished stage) or the random-number state to start from (the next pending stage)."""
+
+    stage: str
+    config: "TrainConfig"
+    state: dict | None = None
+    rng: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form kept in a checkpoint's ``train_state["pending_stages"]``."""
+        return {"stage": self.stage, "config": self.config.to_dict()}
+
+
+def stage_config(stage: str, model_cfg: DIYConfig | None = None, *, epochs: int | None = None,
+                 lr: float | None = None, seed: int | None = None, batch_size: int | None = None,
+                 max_steps: int | None = None) -> "TrainConfig":
+    """The engine's recipe for ``stage`` with the given fields overridden. A learning rate below the
+    recipe's floor lowers the floor to a tenth of it, so the schedule still decays."""
+    from .train import default_stage_config
+
+    config = default_stage_config(stage, model_cfg)
+    changes: dict[str, Any] = {}
+    if epochs is not None:
+        changes["epochs"] = int(epochs)
+    if lr is not None:
+        changes["lr"] = float(lr)
+        changes["min_lr"] = min(config.min_lr, float(lr) / 10)
+    for name, value in (("seed", seed), ("batch_size", batch_size), ("max_steps", max_steps)):
+        if value is not None:
+            changes[name] = value
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def plan_new(corpus: "Corpus", model_cfg: DIYConfig, *, pretrain_epochs: int | None = None,
+             chat_epochs: int | None = None, lr: float | None = None, seed: int | None = None,
+             batch_size: int | None = None, max_steps: int | None = None) -> tuple[list[StagePlan], list[str]]:
+    """The stages that train a new model on ``corpus``, and notes about stages left out.
+
+    Epochs of 0 leave a stage out; so does a corpus without that stage's kind of data (documents
+    for pretraining, dialogues for chat tuning). Raises ``TrainingError`` when nothing is left.
+    """
+    from .train import TrainingError
+
+    plans: list[StagePlan] = []
+    notes: list[str] = []
+    wanted = {"pretrain": pretrain_epochs, "chat": chat_epochs}
+    has_data = {"pretrain": bool(corpus.texts), "chat": bool(corpus.dialogues)}
+    for stage in STAGES:
+        if wanted[stage] == 0:
+            notes.append(f"{STAGE_NAMES[stage]}: skipped (0 epochs)")
+            continue
+        if not has_data[stage]:
+            what = "no plain-text documents" if stage == "pretrain" else "no dialogues"
+            notes.append(f"{STAGE_NAMES[stage]}: skipped, the data has {what}")
+            continue
+        plans.append(StagePlan(stage, stage_config(stage, model_cfg, epochs=wanted[stage], lr=lr, seed=seed,
+                                                   batch_size=batch_size, max_steps=max_steps)))
+    if not plans:
+        raise TrainingError("nothing to train: " + "; ".join(notes))
+    return plans, notes
+
+
+# --- the model being worked on -------------------------------------------------------------------
+
+@dataclass
+class Workbench:
+    """The model in hand, with what is known about its training so far.
+
+    ``trainer`` is the last stage's trainer (its state makes a saved ``.pt`` resumable), ``pending``
+    the stages still planned after it, ``loaded_state`` the training state of a loaded checkpoint
+    (kept when it is saved again untrained).
+    """
+
+    model: "DIYForCausalLM"
+    tokenizer: "DIYTokenizer"
+    stage: str | None = None
+    steps: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    corpus_sources: list[str] = field(default_factory=list)
+    results: list["TrainResult"] = field(default_factory=list)
+    trainer: "Trainer | None" = None
+    pending: list[dict] = field(default_factory=list)
+    loaded_state: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    source_path: str | None = None
+    steps_before_stage: int = 0
+
+    @property
+    def config(self) -> DIYConfig:
+        return self.model.config
+
+    def summary(self) -> dict[str, Any]:
+        """What the app shows about the model."""
+        cfg = self.model.config
+        return {"vocab_size": self.tokenizer.vocab_size, "parameters": self.model.num_parameters(),
+                "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "heads": cfg.num_heads,
+                "max_seq_len": cfg.max_seq_len, "stage": self.stage, "steps": self.steps,
+                "train_loss": self.train_loss, "val_loss": self.val_loss}
+
+    def loss_history(self) -> list[tuple[int, float]]:
+        """(cumulative step, loss) over every stage trained in this session."""
+        points: list[tuple[int, float]] = []
+        offset = 0
+        for result in self.results:
+            first = result.loss_history[0][0] - 1 if result.loss_history else 0
+            points += [(offset + step - first, loss) for step, loss in result.loss_history]
+            offset = points[-1][0] if points else offset
+        return points
+
+
+def start_new(corpus: "Corpus", model_cfg: DIYConfig, seed: int = 42) -> Workbench:
+    """A fresh model with a vocabulary learned from ``corpus`` (``model_cfg.vocab_size`` at most)."""
+    import torch
+
+    from .train import build_tokenizer, new_model
+
+    tokenizer = build_tokenizer(corpus, model_cfg.vocab_size)
+    torch.manual_seed(seed)
+    model = new_model(model_cfg, tokenizer)
+    return Workbench(model=model, tokenizer=tokenizer, corpus_sources=list(corpus.sources))
+
+
+def open_model(path: str | os.PathLike, device: str | None = "auto") -> "LoadedModel":
+    """Load a ``.pt`` checkpoint, a JSON export or a Hugging Face export folder (by its content)
+    onto ``device``: "auto" is the engine's choice (:func:`diyapp.device.pick_device`), None the CPU."""
+    from .checkpoint import load_checkpoint
+    from .device import pick_device
+
+    target = pick_device() if device == "auto" else device
+    return load_checkpoint(Path(path).expanduser(), device=target)
+
+
+def bench_from_loaded(loaded: "LoadedModel", path: str | os.PathLike | None = None) -> Workbench:
+    """A Workbench around a loaded model, keeping its training record."""
+    from .checkpoint import CheckpointError
+
+    if loaded.tokenizer is None:
+        raise CheckpointError(path or "model", "holds no tokenizer, so it cannot chat or train")
+    meta = dict(loaded.metadata or {})
+    state = loaded.train_state or None
+    sources = meta.get("corpus_sources") or (state or {}).get("corpus_sources") or []
+    return Workbench(model=loaded.model, tokenizer=loaded.tokenizer, stage=meta.get("stage"),
+                     steps=int(meta.get("steps") or 0), train_loss=_num(meta.get("train_loss")),
+                     val_loss=_num(meta.get("val_loss")), corpus_sources=list(sources), loaded_state=state,
+                     metadata=meta, source_path=str(path) if path is not None else None)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
+              on_event: EventCallback | None = None,
+              after_stage: Callable[[Workbench, "TrainResult"], None] | None = None,
+              on_trainer: Callable[["Trainer"], None] | None = None) -> list["TrainResult"]:
+    """Train the stages in order. Stops after a stage that did not finish (Ctrl-C, divergence):
+    the model keeps what it learned and :func:`train_state` makes it resumable. ``after_stage`` runs
+    after each finished stage that has more stages after it (the app offers a save there);
+    ``on_trainer`` gets each trainer before it runs (to stop it from elsewhere)."""
+    from .train import Trainer
+
+    results = []
+    for index, plan in enumerate(plans):
+        if plan.rng:
+            _set_rng(plan.rng)
+        trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config, on_event=on_event)
+        if plan.state is not None:
+            trainer.load_state_dict(plan.state)
+            bench.steps_before_stage = max(0, bench.steps - trainer.step)
+        else:
+            bench.steps_before_stage = bench.steps
+        bench.trainer = trainer
+        bench.pending = [p.to_dict() for p in plans[index + 1:]]
+        bench.corpus_sources = list(corpus.sources)
+        if on_trainer is not None:
+            on_trainer(trainer)
+        result = trainer.run()
+        bench.stage = plan.stage
+        bench.steps = bench.steps_before_stage + result.steps
+        bench.train_loss = result.train_loss if result.train_loss is not None else bench.train_loss
+        bench.val_loss = result.val_loss
+        bench.results.append(result)
+        results.append(result)
+        if result.status not in ("completed", "early_stopped"):
+            break
+        if after_stage is not None and index + 1 < len(plans):
+            after_stage(bench, result)
+    return results
+
+
+def _set_rng(rng: dict) -> None:
+    import torch
+
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def train_state(bench: Workbench) -> dict | None:
+    """The training state to store in a ``.pt``: the last trainer's, with the stages still to come."""
+    if bench.trainer is not None:
+        state = bench.trainer.state_dict()
+        state["pending_stages"] = list(bench.pending)
+        last = bench.results[-1] if bench.results else None
+        if last is not None and last.stage == bench.trainer.stage and last.status == "early_stopped":
+            state["stage_finished"] = True  # stopped on purpose before its last step
+        return state
+    return bench.loaded_state
+
+
+def is_resumable(state: dict | None) -> bool:
+    """True when ``state`` holds an unfinished stage or stages still to come."""
+    if not state:
+        return False
+    return bool(state.get("pending_stages")) or _stage_unfinished(state)
+
+
+def _stage_unfinished(state: dict) -> bool:
+    total = (state.get("scheduler") or {}).get("total_steps")
+    return (isinstance(total, int) and int(state.get("step", 0)) < total
+            and not state.get("stage_finished"))
+
+
+def resume_plans(state: dict) -> list[StagePlan]:
+    """The stages an exact resume runs: the unfinished one (from its saved state), then the pending."""
+    from .train import TrainConfig
+
+    if not is_resumable(state):
+        raise ValueError("this checkpoint has no unfinished training to resume")
+    plans = []
+    if _stage_unfinished(state):
+        plans.append(StagePlan(state["stage"], TrainConfig.from_dict(state["config"]), state=state))
+    for item in state.get("pending_stages") or []:
+        plans.append(StagePlan(item["stage"], TrainConfig.from_dict(item["config"])))
+    if plans[0].state is None:  # the saved stage had finished: go on with the randomness it left
+        plans[0].rng = state.get("rng")
+    return plans
+
+
+def prepare_resume(loaded: "LoadedModel", path: str | os.PathLike | None = None
+                   ) -> tuple[Workbench, "Corpus", list[StagePlan]]:
+    """Everything an exact resume needs: the workbench, its corpus reloaded, and the stages to run."""
+    state = loaded.train_state
+    if not is_resumable(state):
+        raise ValueError(f"{path or 'this model'} holds no unfinished training to resume")
+    plans = resume_plans(state)
+    corpus = corpus_from_sources(state.get("corpus_sources") or [])
+    return bench_from_loaded(loaded, path), corpus, plans
+
+
+def continue_plan(bench: Workbench, epochs: int = CONTINUE_EPOCHS, lr: float = CONTINUE_LR,
+                  stage: str | None = None, seed: int | None = None) -> StagePlan:
+    """More training for a loaded model: a new run of its stage (chat tuning when unknown)."""
+    stage = stage or (bench.stage if bench.stage in STAGES else "chat")
+    return StagePlan(stage, stage_config(stage, bench.config, epochs=epochs, lr=lr, seed=seed))
+
+
+def corpus_for(bench: Workbench) -> "Corpus | None":
+    """The corpus the model was trained on, when its sources are recorded and still readable."""
+    from .data import DataError
+
+    if not bench.corpus_sources:
+        return None
+    try:
+        return corpus_from_sources(bench.corpus_sources)
+    except (DataError, OSError):
+        return None
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+@dataclass
+class SavedFile:
+    """Where a model was written, in which format and how big it is."""
+
+    path: Path
+    format: str
+    size_bytes: int
+
+
+def with_suffix(path: str | os.PathLike, fmt: str) -> Path:
+    """``path`` with the suffix of ``fmt`` ("pt" or "json") added when it has none."""
+    target = Path(path).expanduser()
+    return Path(f"{target}.{fmt}") if target.suffix == "" else target
+
+
+def default_path(fmt: str, stem: str = "model_final") -> Path:
+    """The suggested file for a format: ``checkpoints/<stem>.pt`` or ``exports/<stem>.json``."""
+    return Path("checkpoints" if fmt == "pt" else "exports") / f"{stem}.{fmt}"
+
+
+def path_problem(path: str | os.PathLike, fmt: str) -> str | None:
+    """Why ``path`` cannot take a model of format ``fmt``, or None. An existing file is no problem
+    here (the caller asks before overwriting it)."""
+    text = str(path).strip()
+    if not text:
+        return "please give a file name"
+    target = Path(text).expanduser()
+    if target.suffix.lower() not in ("." + fmt, ""):
+        return f"a {fmt} file should end in .{fmt}"
+    if target.is_dir():
+        return f"{target} is a folder; give a file name"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"cannot write in {parent}"
+    return None
+
+
+def metadata_for(bench: Workbench, state: dict | None = None) -> dict[str, Any]:
+    """The metadata stored with a saved model (stage, steps, losses, data, per-stage results).
+    ``state`` is the training state saved alongside (``.pt`` only): ``resumable`` and
+    ``next_stages`` summarise it so a listing can tell without loading the file."""
+    from .checkpoint import build_metadata
+
+    history = [[s, l] for s, l in bench.loss_history()] or bench.metadata.get("loss_history") or []
+    stages = list(bench.metadata.get("stage_results") or [])
+    stages += [{"stage": r.stage, "status": r.status, "steps": r.steps, "total_steps": r.total_steps,
+                "train_loss": r.train_loss, "val_loss": r.val_loss, "elapsed_s": round(r.elapsed_s, 3)}
+               for r in bench.results]
+    automatic = ("created_at", "parameters", "app_version", "stage", "steps", "train_loss", "val_loss",
+                 "loss_history")
+    kept = {k: v for k, v in bench.metadata.items() if k not in automatic}
+    kept.update(corpus_sources=list(bench.corpus_sources), stage_results=stages, resumable=is_resumable(state),
+                next_stages=_next_stages(state))
+    return build_metadata(bench.model, stage=bench.stage, steps=bench.steps, train_loss=bench.train_loss,
+                          val_loss=bench.val_loss, loss_history=history, **kept)
+
+
+def _next_stages(state: dict | None) -> list[str]:
+    """The stages an exact resume of ``state`` would train, in order."""
+    if not is_resumable(state):
+        return []
+    return [plan.stage for plan in resume_plans(state)]
+
+
+def info_resumable(info: Any) -> bool:
+    """Whether a listed checkpoint (``CheckpointInfo``) can be resumed: a readable ``.pt`` with
+    training state that is unfinished (as its metadata says; files from elsewhere are given the
+    benefit of the doubt and checked on loading)."""
+    if getattr(info, "error", None) or info.format != "pt" or not info.has_train_state:
+        return False
+    return bool((info.metadata or {}).get("resumable", True))
+
+
+def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
+    """Write the model as ``fmt`` ("pt": binary with training state; "json": export). Folders are
+    created; the write itself is atomic (checkpoint module). Only rank 0 writes under torchrun."""
+    from .checkpoint import save_model_binary
+
+    if fmt not in ("pt", "json"):
+        raise ValueError(f"format must be pt or json, got {fmt!r}")
+    target = with_suffix(path, fmt)
+    if is_main_process():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "pt":
+            state = train_state(bench)
+            save_model_binary(target, bench.model, bench.tokenizer, train_state=state,
+                              metadata=metadata_for(bench, state))
+        else:
+            from .json_export import save_model_json
+            save_model_json(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
+    size = target.stat().st_size if target.exists() else 0
+    return SavedFile(target, fmt, size)
+
+
+def export(bench: Workbench, *, json_path: str | os.PathLike | None = None, pt_path: str | os.PathLike | None = None,
+           hf_dir: str | os.PathLike | None = None) -> list[SavedFile]:
+    """Write the model in each requested form (``hf_dir``: a Hugging Face Llama folder)."""
+    saved = []
+    if pt_path is not None:
+        saved.append(save(bench, pt_path, "pt"))
+    if json_path is not None:
+        saved.append(save(bench, json_path, "json"))
+    if hf_dir is not None:
+        from .hf_export import export_hf
+
+        folder = Path(hf_dir).expanduser()
+        if is_main_process():
+            folder.mkdir(parents=True, exist_ok=True)
+            export_hf(folder, bench.model, bench.tokenizer)
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+        saved.append(SavedFile(folder, "hf", size))
+    return saved
+
+
+def human_size(size: int) -> str:
+    """``1536`` -> ``"1.5 KB"``."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def human_count(n: int | None) -> str:
+    """``1234567`` -> ``"1.23M"``."""
+    if n is None:
+        return "-"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def parse_epochs(text: str) -> int:
+    """A number of epochs typed by a person; ValueError says what is wrong."""
+    raw = str(text).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"epochs must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"epochs must be at least 1, got {value}")
+    if value > MAX_EPOCHS:
+        raise ValueError(f"{value} epochs is more than the {MAX_EPOCHS} allowed")
+    return value
+
+
+def parse_lr(text: str) -> float:
+    """A learning rate typed by a person: a number in (0, 0.1]."""
+    raw = str(text).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"the learning rate must be a number such as 0.0001, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"the learning rate must be a positive number, got {raw}")
+    if value > MAX_LR:
+        raise ValueError(f"a learning rate of {raw} is far too large (at most {MAX_LR})")
+    return value

@@ -1,0 +1,181 @@
+"""Subcommands for scripts: train, resume, chat (one prompt and piped), export, info, list; exit codes."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diyapp.cli import main
+
+from .test_workflow import TINY, write_corpus
+
+MAIN = Path(__file__).resolve().parents[1] / "main.py"
+TINY_FLAGS = ["--hidden-size", str(TINY["hidden_size"]), "--layers", str(TINY["num_layers"]),
+              "--heads", str(TINY["num_heads"]), "--max-seq-len", str(TINY["max_seq_len"]),
+              "--vocab-size", str(TINY["vocab_size"]), "--batch-size", "4"]
+
+
+def run_main(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained once through ``train``: both formats plus a pretraining checkpoint."""
+    folder = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(folder)
+    code = main(["train", "--data", str(corpus), *TINY_FLAGS, "--pretrain-epochs", "1", "--chat-epochs", "2",
+                 "--format", "both", "--save", str(folder / "m"), "--save-pretrained", str(folder / "pre.pt"),
+                 "--seed", "3"])
+    assert code == 0
+    return folder
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_help_answers_without_importing_torch():
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-X", "importtime", str(MAIN), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0
+    for command in ("train", "resume", "chat", "export", "info", "list"):
+        assert command in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "rich", "questionary", "tokenizers", "diyapp.workflow"}
+    assert elapsed < 10
+
+
+def test_bare_command_without_a_terminal_explains_and_exits_2(tmp_path):
+    result = run_main(cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    line = one_line_error(result.stderr)
+    assert "terminal" in line and "train" in line and "chat" in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["bogus"], ["train", "--lr", "5"], ["train", "--lr", "abc"], ["train", "--pretrain-epochs", "-1"],
+    ["train", "--heads", "3"], ["train", "--preset", "enormous"], ["chat"], ["export", "--model", "x.pt"],
+    ["chat", "--model", "x.pt", "--prompt", "  "], ["chat", "--model", "x.pt", "--temperature", "-1"],
+    ["train", "--format", "yaml"],
+])
+def test_usage_errors_exit_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_train_writes_what_was_asked(trained, capsys):
+    for name in ("m.pt", "m.json", "pre.pt"):
+        assert (trained / name).is_file()
+
+
+def test_info_and_list(trained, capsys, monkeypatch):
+    assert main(["info", "--model", str(trained / "pre.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "stage:          pretrain" in out and "resumable:      yes" in out and "vocab_size:" in out
+    assert main(["list", str(trained)]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("path\tformat") and len(rows) == 5
+    [foreign] = [row for row in rows if "corpus.json" in row]
+    assert foreign.split("\t")[-1] != "-"                      # unreadable files are listed as such
+    monkeypatch.chdir(trained)
+    assert main(["list"]) == 0
+    assert "no saved models" in capsys.readouterr().out
+
+
+def test_chat_one_prompt_and_piped_lines(trained, capsys, monkeypatch):
+    assert main(["chat", "--model", str(trained / "m.pt"), "--prompt", "你好", "--max-new-tokens", "5",
+                 "--seed", "1"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n\nclear\nset temperature=0\n你是谁？\nexit\n不会被回答\n"))
+    assert main(["chat", "--model", str(trained / "m.json"), "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2 and "Traceback" not in captured.err
+
+
+def test_export_formats_and_refusals(trained, capsys):
+    out = trained / "exported"
+    assert main(["export", "--model", str(trained / "m.pt"), "--json", str(out / "e.json"), "--pt",
+                 str(out / "e.pt"), "--hf", str(out / "hf")]) == 0
+    assert (out / "e.json").is_file() and (out / "e.pt").is_file() and (out / "hf" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["export", "--model", str(trained / "m.pt"), "--json", str(out / "e.json")]) == 1
+    assert "--force" in one_line_error(capsys.readouterr().err)
+    assert main(["export", "--model", str(trained / "m.pt"), "--json", str(out / "e.json"), "--force"]) == 0
+    assert main(["export", "--model", str(trained / "m.pt"), "--pt", str(trained / "m.pt"), "--force"]) == 2
+
+
+def test_failures_exit_1_with_one_line(trained, capsys, tmp_path):
+    assert main(["chat", "--model", str(tmp_path / "missing.pt"), "--prompt", "hi"]) == 1
+    assert "missing.pt" in one_line_error(capsys.readouterr().err)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"PK\x03\x04 not really")
+    assert main(["info", "--model", str(broken)]) == 1
+    assert "broken.pt" in one_line_error(capsys.readouterr().err)
+    bad_data = tmp_path / "bad.json"
+    bad_data.write_text('["ok", 3]', encoding="utf-8")
+    assert main(["train", "--data", str(bad_data), *TINY_FLAGS, "--save", str(tmp_path / "x.pt")]) == 1
+    assert "bad.json" in one_line_error(capsys.readouterr().err)
+    assert main(["train", "--data", str(tmp_path / "nowhere.json"), "--save", str(tmp_path / "x.pt")]) == 1
+    assert "nowhere.json" in one_line_error(capsys.readouterr().err)
+    assert main(["train", "--data", str(trained / "corpus.json"), "--save", str(trained / "m.pt")]) == 1
+    assert "--force" in one_line_error(capsys.readouterr().err)
+    assert main(["resume", "--model", str(trained / "m.pt")]) == 1
+    assert "no unfinished training" in one_line_error(capsys.readouterr().err)
+
+
+def test_resume_runs_the_pending_stage(trained, capsys):
+    target = trained / "resumed.pt"
+    assert main(["resume", "--model", str(trained / "pre.pt"), "--save", str(target)]) == 0
+    assert "chat completed" in capsys.readouterr().out
+    assert main(["info", "--model", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "stage:          chat" in out and "resumable:      no" in out
+
+
+def test_non_zero_rank_neither_prints_nor_writes(trained, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets in a second process
+    assert main(["export", "--model", str(trained / "m.pt"), "--pt", str(tmp_path / "rank1.pt"),
+                 "--json", str(tmp_path / "rank1.json")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "" and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_during_training_saves_a_resumable_checkpoint(tmp_path):
+    corpus = write_corpus(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(MAIN), "train", "--data", str(corpus), *TINY_FLAGS,
+                             "--pretrain-epochs", "5000", "--chat-epochs", "1", "--save", "stopped.pt"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("[pretrain] start"):
+                break
+        time.sleep(1.0)  # well inside the step loop
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    assert "resume --model stopped.pt" in err and "Traceback" not in err
+    assert "saved stopped.pt" in out
+    info = run_main("info", "--model", "stopped.pt", cwd=tmp_path)
+    assert "stage:          pretrain" in info.stdout and "resumable:      yes" in info.stdout
