@@ -142,21 +142,30 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
 
     was_training = model.training
     model.eval()
+    # One new token of one row is a chain of matrix-vector products too small to split across
+    # threads; on a CPU a single thread runs them as fast, and much faster when other processes
+    # compete for the cores. Prompt (re)fills keep all threads.
+    threads = torch.get_num_threads()
+    decode_threads = 1 if batch == 1 and device.type == "cpu" else threads
     try:
         total, start, cache = prompt_len, 0, None
+        decode = None  # model.decoder(), fetched once: the weights cannot change while we decode
         for step in range(max_new_tokens):
             new_start = window_start(start, total, max_len, prompt_phase=step == 0)
-            if not use_cache:
-                logits = model(seq[:, new_start:total])[:, -1]
+            if not use_cache:  # the head runs on the last position only
+                logits = model.lm_head(model.model(seq[:, new_start:total])[:, -1])
             elif cache is None or new_start != start:  # (re)fill the cache with the whole window
                 if cache is None:
                     cache = model.new_cache(batch)
                 cache = [(layer, 0) for layer, _ in cache]
-                logits, cache = model(seq[:, new_start:total], past_key_values=cache, use_cache=True)
-                logits = logits[:, -1]
-            else:
-                logits, cache = model(seq[:, total - 1:total], past_key_values=cache, use_cache=True)
-                logits = logits[:, -1]
+                torch.set_num_threads(threads)
+                hidden, cache = model.model(seq[:, new_start:total], past_key_values=cache, use_cache=True)
+                logits = model.lm_head(hidden[:, -1])
+                torch.set_num_threads(decode_threads)
+            else:  # one new token: the lean path, same numbers as model(...) up to rounding
+                if decode is None:
+                    decode = model.decoder()
+                logits, cache = decode(seq[:, total - 1:total], cache)
             start = new_start
             logits = logits.float()
             if seen is not None:
@@ -183,5 +192,6 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
                 if bool(finished.all()):
                     break
     finally:
+        torch.set_num_threads(threads)
         model.train(was_training)
     return seq[:, :total]
