@@ -34,7 +34,8 @@ STATE_VERSION = 1
 
 @dataclass
 class TrainConfig:
-    """How one stage trains. ``warmup_steps=None`` means 5% of the steps (at least 1)."""
+    """How one stage trains. ``warmup_steps=None`` means 5% of the steps (at least 1);
+    ``dropout`` overrides the model's dropout rate while this stage trains (None keeps it)."""
 
     epochs: int = 10
     batch_size: int = 16
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"
     max_steps: int | None = None
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +72,8 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be positive")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            problems.append("dropout must be in [0, 1)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -251,7 +255,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    params = decay + no_decay
+    # The fused kernel measured 2.6 ms per step against 6.9 ms for foreach on the default model
+    # (bench/bench_speed.py); it needs every parameter on one CPU or CUDA device.
+    fused = len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
 class _LossModule(nn.Module):
@@ -449,6 +457,28 @@ class Trainer:
         ``steps`` more optimizer steps (status "paused"). Never leaves a half-done step."""
         self._stop = False
         self.model.train()
+        with self._dropout():
+            return self._run(steps)
+
+    @contextlib.contextmanager
+    def _dropout(self) -> Iterator[None]:
+        """Sets every dropout rate to ``config.dropout`` for the run, then puts the model's back."""
+        rate = self.config.dropout
+        modules = [m for m in self.model.modules() if hasattr(m, "dropout") and isinstance(m.dropout, float)]
+        saved = [m.dropout for m in modules]
+        saved_config = self.model.config.dropout
+        if rate is not None:
+            for m in modules:
+                m.dropout = rate
+            self.model.config.dropout = rate
+        try:
+            yield
+        finally:
+            for m, value in zip(modules, saved):
+                m.dropout = value
+            self.model.config.dropout = saved_config
+
+    def _run(self, steps: int | None) -> TrainResult:
         started = time.perf_counter()
         run_start_step = self.step
         run_tokens = 0

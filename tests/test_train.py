@@ -217,3 +217,14 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for name in a["weights"]:
         assert torch.allclose(a["weights"][name], b["weights"][name], atol=1e-5), name
     assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tokenizer, corpus):
+    model = tiny(tokenizer)
+    trainer = Trainer(model, tokenizer, "chat", corpus, fast(epochs=2, precision="bf16"))
+    assert trainer.amp_dtype == torch.bfloat16
+    before = params(model)
+    result = trainer.run()
+    assert result.status == "completed" and all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.train_loss is not None and result.train_loss == result.train_loss  # finite, not NaN
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
