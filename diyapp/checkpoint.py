@@ -506,8 +506,14 @@ def _read_pt_header(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _check_pt_header(path: Path, obj: Any) -> None:
-    if not isinstance(obj, dict) or obj.get("format") != PT_FORMAT:
+def check_format_header(path: Path, obj: Any, fmt: str, max_version: int, kind: str) -> dict[str, Any]:
+    """Check a file's format marker, version and its config/metadata entries; returns ``obj``.
+
+    Shared by the ``.pt`` and JSON readers so both refuse foreign, newer and damaged files alike.
+    """
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        if kind == "JSON export":
+            raise CheckpointError(path, f"is not a diyapp JSON export (no \"format\": \"{fmt}\" marker)")
         what = "a bare state dict" if isinstance(obj, dict) and obj and all(
             isinstance(k, str) and "." in k for k in obj) else f"a {type(obj).__name__}"
         raise CheckpointError(path, f"is not a diyapp checkpoint (a PyTorch file holding {what}, without "
@@ -515,12 +521,17 @@ def _check_pt_header(path: Path, obj: Any) -> None:
     version = obj.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(path, f"has an invalid format version {version!r}")
-    if version > PT_VERSION:
-        raise CheckpointError(path, f"was written by a newer diyapp (checkpoint format version {version}; this "
-                                    f"version reads up to {PT_VERSION}); upgrade diyapp to load it")
+    if version > max_version:
+        raise CheckpointError(path, f"was written by a newer diyapp ({kind} format version {version}; this "
+                                    f"version reads up to {max_version}); upgrade diyapp to load it")
     for key in ("config", "metadata"):
         if not isinstance(obj.get(key), dict):
             raise CheckpointError(path, f"is damaged: its {key!r} entry is missing or not a mapping")
+    return obj
+
+
+def _check_pt_header(path: Path, obj: Any) -> None:
+    check_format_header(path, obj, PT_FORMAT, PT_VERSION, "checkpoint")
 
 
 def _torch_load(path: Path, mmap: bool = False) -> Any:

@@ -33,6 +33,7 @@ import orjson
 
 from .checkpoint import (
     CheckpointError,
+    check_format_header,
     LoadedModel,
     atomic_write,
     build_loaded,
@@ -229,18 +230,10 @@ def _write_overlapped(f: Any, pieces: Iterator[bytes]) -> None:
 # --- reading -------------------------------------------------------------------------------------
 
 def _check_header(path: Path, header: Any) -> dict[str, Any]:
-    if not isinstance(header, dict) or header.get("format") != JSON_FORMAT:
-        raise CheckpointError(path, "is not a diyapp JSON export (no \"format\": \"diyapp-json\" marker)")
-    version = header.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, f"has an invalid format version {version!r}")
-    if version > JSON_VERSION:
-        raise CheckpointError(path, f"was written by a newer diyapp (JSON format version {version}; this version "
-                                    f"reads up to {JSON_VERSION}); upgrade diyapp to load it")
-    for key in ("config", "metadata"):
-        if not isinstance(header.get(key), dict):
-            raise CheckpointError(path, f"is damaged: its {key!r} entry is missing or not an object")
-    return header
+    return check_format_header(path, header, JSON_FORMAT, JSON_VERSION, "JSON export")
+
+
+_NOT_ENDED = "is truncated (the JSON document does not end; was the export interrupted?); export again"
 
 
 def _open_checked(path: Path) -> tuple[Any, int]:
@@ -287,8 +280,7 @@ def describe_json(path: str | os.PathLike) -> dict[str, Any]:
     else:
         _check_header(path, header)
         if not complete:
-            raise CheckpointError(path, "is truncated (the JSON document does not end; was the export "
-                                        "interrupted?); export again")
+            raise CheckpointError(path, _NOT_ENDED)
     _check_header(path, header)
     st = path.stat()
     return {"path": path, "format": "json", "format_version": header["format_version"],
@@ -307,8 +299,7 @@ def _full_parse(path: Path) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         stripped = data.rstrip()
         if stripped.startswith(b"{") and not stripped.endswith(b"}"):
-            raise CheckpointError(path, "is truncated (the JSON document does not end; was the export "
-                                        "interrupted?); export again") from None
+            raise CheckpointError(path, _NOT_ENDED) from None
         raise CheckpointError(path, f"is not valid JSON ({_first_line(exc)})") from None
     return _check_header(path, doc)
 
@@ -371,8 +362,7 @@ def _read_group(path: Path, f: Any) -> dict[str, Any]:
     while True:
         line = f.readline()
         if not line:
-            raise CheckpointError(path, "is truncated (the JSON document does not end; was the export "
-                                        "interrupted?); export again")
+            raise CheckpointError(path, _NOT_ENDED)
         body = line.rstrip()
         if body in (b"}", b"},"):
             return out
@@ -416,8 +406,7 @@ def _read_lines(path: Path) -> dict[str, Any]:
         while True:
             line = f.readline()
             if not line:
-                raise CheckpointError(path, "is truncated (the JSON document does not end; was the export "
-                                            "interrupted?); export again")
+                raise CheckpointError(path, _NOT_ENDED)
             body = line.rstrip()
             if body == b"}":
                 return doc

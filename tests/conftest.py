@@ -26,3 +26,25 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return DIYForCausalLM(tiny_config).eval()
+
+
+#: A few sentences to train small tokenizers on (Chinese, and ASCII for the byte paths).
+SMALL_TEXTS = ["春天来了，花儿开了，小草也绿了。", "夏天很热，我们常去河边游泳。", "秋天的树叶变黄，慢慢落下来。",
+               "冬天下雪，孩子们在外面堆雪人。", "Hello world, it's a small test: 123 + 456 = 579."] * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from diyapp.tokenizer import DIYTokenizer
+
+    return DIYTokenizer.train(SMALL_TEXTS, vocab_size=300)
+
+
+def make_model(tokenizer, seed=0, **overrides):
+    """A tiny eval-mode model sized to ``tokenizer``; ``overrides`` change config fields."""
+    from diyapp import DIYConfig, DIYForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
+                  dropout=0.0)
+    return DIYForCausalLM(DIYConfig(**{**fields, **overrides})).eval()

@@ -14,22 +14,8 @@ from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
 from diyapp.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint
 from diyapp.json_export import load_model_json, save_model_json
 
-from .conftest import REPO
+from .conftest import REPO, SMALL_TEXTS as TEXTS, make_model
 
-TEXTS = ["春天来了，花儿开了，小草也绿了。", "夏天很热，我们常去河边游泳。", "秋天的树叶变黄，慢慢落下来。",
-         "冬天下雪，孩子们在外面堆雪人。", "Hello world, it's a small test: 123 + 456 = 579."] * 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return DIYTokenizer.train(TEXTS, vocab_size=300)
-
-
-def make_model(tokenizer, seed=0, **overrides):
-    torch.manual_seed(seed)
-    fields = dict(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
-                  dropout=0.0)
-    return DIYForCausalLM(DIYConfig(**{**fields, **overrides})).eval()
 
 
 @pytest.fixture
