@@ -40,6 +40,8 @@ MAX_EPOCHS = 100_000
 MAX_LR = 0.1
 
 EventCallback = Callable[["TrainEvent"], None]
+#: A validator for typed text: the parsed value, or ValueError with a message for the person.
+Parser = Callable[[str], Any]
 
 
 def is_main_process() -> bool:
@@ -517,29 +519,39 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
-def parse_epochs(text: str) -> int:
-    """A number of epochs typed by a person; ValueError says what is wrong."""
-    raw = str(text).strip()
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"epochs must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"epochs must be at least 1, got {value}")
-    if value > MAX_EPOCHS:
-        raise ValueError(f"{value} epochs is more than the {MAX_EPOCHS} allowed")
-    return value
+def int_parser(low: int, high: int, what: str = "数值") -> Parser:
+    """Whole numbers from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        raw = text.strip()
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{what}需要一个整数（whole number），而不是 {raw!r}") from None
+        if value < low:
+            raise ValueError(f"{what}至少是 {low}（got {value}）")
+        if value > high:
+            raise ValueError(f"{what}最多是 {high}（got {value}），这个值不合理")
+        return value
+    return parse
 
 
-def parse_lr(text: str) -> float:
-    """A learning rate typed by a person: a number in (0, 0.1]."""
-    raw = str(text).strip()
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"the learning rate must be a number such as 0.0001, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"the learning rate must be a positive number, got {raw}")
-    if value > MAX_LR:
-        raise ValueError(f"a learning rate of {raw} is far too large (at most {MAX_LR})")
-    return value
+def float_parser(low_exclusive: float, high: float, what: str = "数值", example: str = "0.0001") -> Parser:
+    """Finite numbers in ``(low_exclusive, high]``."""
+    def parse(text: str) -> float:
+        raw = text.strip()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{what}需要一个数字，例如 {example}（got {raw!r}）") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{what}必须是有限的数字（got {raw}）")
+        if value <= low_exclusive:
+            raise ValueError(f"{what}必须大于 {low_exclusive:g}（got {raw}）")
+        if value > high:
+            raise ValueError(f"{what} {raw} 太大了，最多 {high:g}")
+        return value
+    return parse
+
+
+#: Parses a learning rate typed on the command line or at a prompt.
+parse_lr = float_parser(0.0, MAX_LR, "学习率 learning rate ")

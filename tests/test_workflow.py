@@ -204,11 +204,12 @@ def test_paths_and_number_parsing(tmp_path):
     blocker.write_text("x")
     assert "not a folder" in wf.path_problem(blocker / "m.pt", "pt")
     assert wf.path_problem("  ", "pt")
-    assert wf.parse_epochs(" 7 ") == 7
+    parse_epochs = wf.int_parser(1, wf.MAX_EPOCHS, "epochs")
+    assert parse_epochs(" 7 ") == 7
     assert wf.parse_lr("1e-4") == 1e-4
     for bad in ("abc", "0", "-3", "1.5", "1000000000"):
         with pytest.raises(ValueError):
-            wf.parse_epochs(bad)
+            parse_epochs(bad)
     for bad in ("abc", "0", "-1e-3", "nan", "inf", "5"):
         with pytest.raises(ValueError):
             wf.parse_lr(bad)

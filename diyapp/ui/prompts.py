@@ -8,9 +8,10 @@ Ctrl-D ``EOFError``; callers decide what that means. Tests pass a prompt_toolkit
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from ..workflow import MAX_EPOCHS, MAX_LR, float_parser, int_parser
 
 T = TypeVar("T")
 
@@ -22,47 +23,11 @@ CHAT_PROMPT = "👤 用户: "
 
 # --- parsers (pure, testable) ---------------------------------------------------------------------
 
-def int_parser(low: int, high: int, what: str = "数值") -> Parser:
-    """Whole numbers from ``low`` to ``high``."""
-    def parse(text: str) -> int:
-        raw = text.strip()
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{what}需要一个整数（whole number），而不是 {raw!r}") from None
-        if value < low:
-            raise ValueError(f"{what}至少是 {low}（got {value}）")
-        if value > high:
-            raise ValueError(f"{what}最多是 {high}（got {value}），这个值不合理")
-        return value
-    return parse
-
-
-def float_parser(low_exclusive: float, high: float, what: str = "数值", example: str = "0.0001") -> Parser:
-    """Finite numbers in ``(low_exclusive, high]``."""
-    def parse(text: str) -> float:
-        raw = text.strip()
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{what}需要一个数字，例如 {example}（got {raw!r}）") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{what}必须是有限的数字（got {raw}）")
-        if value <= low_exclusive:
-            raise ValueError(f"{what}必须大于 {low_exclusive:g}（got {raw}）")
-        if value > high:
-            raise ValueError(f"{what} {raw} 太大了，最多 {high:g}")
-        return value
-    return parse
-
-
 def epochs_parser() -> Parser:
-    from ..workflow import MAX_EPOCHS
     return int_parser(1, MAX_EPOCHS, "训练轮数 epochs ")
 
 
 def lr_parser() -> Parser:
-    from ..workflow import MAX_LR
     return float_parser(0.0, MAX_LR, "学习率 learning rate ")
 
 
