@@ -48,3 +48,17 @@ def make_model(tokenizer, seed=0, **overrides):
     fields = dict(vocab_size=tokenizer.vocab_size, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
                   dropout=0.0)
     return DIYForCausalLM(DIYConfig(**{**fields, **overrides})).eval()
+
+
+def assert_one_line_error(load, path, pattern, describe_pattern=None):
+    """``load(path)`` raises CheckpointError matching ``pattern``, one line that starts with the
+    path; with ``describe_pattern``, ``describe_checkpoint(path)`` fails with that too."""
+    from diyapp.checkpoint import CheckpointError, describe_checkpoint
+
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        load(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    if describe_pattern is not None:
+        with pytest.raises(CheckpointError, match=describe_pattern):
+            describe_checkpoint(path)
