@@ -62,3 +62,13 @@ def assert_one_line_error(load, path, pattern, describe_pattern=None):
     if describe_pattern is not None:
         with pytest.raises(CheckpointError, match=describe_pattern):
             describe_checkpoint(path)
+
+
+def write_unreadable(kind, path):
+    """The broken files every format shares: ``missing`` (nothing written), ``empty`` and ``random``
+    (bytes that are neither a zip nor JSON). Returns False for any other ``kind``."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(bytes(range(256)) * 16)
+    return kind in ("missing", "empty", "random")

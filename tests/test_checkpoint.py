@@ -30,7 +30,7 @@ from diyapp.checkpoint import (
     save_model_binary,
 )
 
-from .conftest import REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, make_model
+from .conftest import REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, make_model, write_unreadable
 
 
 
@@ -211,13 +211,7 @@ def _rewrite(path, change):
 
 
 def _make_broken(kind, path, model, tokenizer):
-    if kind == "missing":
-        return
-    if kind == "empty":
-        path.write_bytes(b"")
-        return
-    if kind == "random":
-        path.write_bytes(os.urandom(4096))
+    if write_unreadable(kind, path):
         return
     if kind == "other_zip":
         with zipfile.ZipFile(path, "w") as z:

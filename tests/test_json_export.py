@@ -14,7 +14,7 @@ from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
 from diyapp.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint
 from diyapp.json_export import load_model_json, save_model_json
 
-from .conftest import REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, make_model
+from .conftest import REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, make_model, write_unreadable
 
 
 
@@ -148,13 +148,7 @@ def test_pretty_printed_export_still_loads(tmp_path, model, tokenizer):
 
 
 def _broken(kind, path, model, tokenizer):
-    if kind == "missing":
-        return
-    if kind == "empty":
-        path.write_bytes(b"")
-        return
-    if kind == "random":
-        path.write_bytes(bytes(range(256)) * 8)
+    if write_unreadable(kind, path):
         return
     if kind == "foreign":
         path.write_text('{"weights": [1, 2, 3]}')
