@@ -172,7 +172,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.dropout = config.dropout
+        self.config = config  # shared by every module: dropout is read from it at run time
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
@@ -200,7 +200,7 @@ class Attention(nn.Module):
             mask = key_pos[None, :] <= query_pos[:, None]
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)
+            dropout_p=self.config.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, nh * self.head_dim))
 
 
@@ -225,10 +225,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.dropout = config.dropout
+        self.config = config
 
     def _drop(self, x: Tensor) -> Tensor:
-        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout > 0 else x
+        rate = self.config.dropout
+        return F.dropout(x, rate, training=True) if self.training and rate > 0 else x
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 cache: dict[str, Tensor] | None = None, cache_pos: int = 0) -> Tensor:

@@ -470,21 +470,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _dropout(self) -> Iterator[None]:
-        """Sets every dropout rate to ``config.dropout`` for the run, then puts the model's back."""
-        rate = self.config.dropout
-        modules = [m for m in self.model.modules() if hasattr(m, "dropout") and isinstance(m.dropout, float)]
-        saved = [m.dropout for m in modules]
-        saved_config = self.model.config.dropout
-        if rate is not None:
-            for m in modules:
-                m.dropout = rate
-            self.model.config.dropout = rate
+        """Sets the model's dropout rate to ``config.dropout`` for the run, then puts it back (every
+        module reads the rate from the model's one config object)."""
+        saved = self.model.config.dropout
+        if self.config.dropout is not None:
+            self.model.config.dropout = self.config.dropout
         try:
             yield
         finally:
-            for m, value in zip(modules, saved):
-                m.dropout = value
-            self.model.config.dropout = saved_config
+            self.model.config.dropout = saved
 
     def _run(self, steps: int | None) -> TrainResult:
         started = time.perf_counter()
