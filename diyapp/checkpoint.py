@@ -710,7 +710,8 @@ def _candidates(folder: Path) -> list[Path]:
     return out
 
 
-def _dir_size(path: Path) -> int:
+def dir_size(path: Path) -> int:
+    """Bytes in the files directly inside ``path`` (a model folder is flat)."""
     total = 0
     for entry in os.scandir(path):
         with contextlib.suppress(OSError):
@@ -724,7 +725,7 @@ def _info(path: Path) -> CheckpointInfo:
                                                                                          "unknown")
     try:
         st = path.stat()
-        size = _dir_size(path) if path.is_dir() else st.st_size
+        size = dir_size(path) if path.is_dir() else st.st_size
         modified = st.st_mtime
     except OSError:
         size, modified = 0, 0.0
@@ -837,7 +838,7 @@ def describe_hf(directory: Any) -> dict[str, Any]:
     if version > HF_VERSION:
         raise CheckpointError(directory, f"was written by a newer diyapp (format version {version}; this "
                                          f"version reads up to {HF_VERSION}); upgrade diyapp to load it")
-    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    size = dir_size(directory)
     return {"path": directory, "format": "hf", "format_version": version, "config": config,
             "metadata": metadata, "has_train_state": False, "size_bytes": size,
             "modified": weights.stat().st_mtime}

@@ -456,44 +456,38 @@ def info_resumable(info: Any) -> bool:
 
 
 def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
-    """Write the model as ``fmt`` ("pt": binary with training state; "json": export). Folders are
-    created; the write itself is atomic (checkpoint module). Only rank 0 writes under torchrun."""
-    from .checkpoint import save_model_binary
+    """Write the model as ``fmt`` ("pt": binary with training state; "json": export; "hf": a Hugging
+    Face Llama folder). Folders are created; each write is atomic (checkpoint module). Every format
+    carries the same metadata. Only rank 0 writes under torchrun."""
+    from .checkpoint import dir_size, save_model_binary
 
-    if fmt not in ("pt", "json"):
-        raise ValueError(f"format must be pt or json, got {fmt!r}")
-    target = with_suffix(path, fmt)
+    if fmt not in ("pt", "json", "hf"):
+        raise ValueError(f"format must be pt, json or hf, got {fmt!r}")
+    target = Path(path).expanduser() if fmt == "hf" else with_suffix(path, fmt)
     if is_main_process():
         target.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "pt":
             state = train_state(bench)
             save_model_binary(target, bench.model, bench.tokenizer, train_state=state,
                               metadata=metadata_for(bench, state))
-        else:
+        elif fmt == "json":
             from .json_export import save_model_json
             save_model_json(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
-    size = target.stat().st_size if target.exists() else 0
+        else:
+            from .hf_export import export_hf
+            export_hf(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
+    if not target.exists():
+        size = 0
+    else:
+        size = dir_size(target) if target.is_dir() else target.stat().st_size
     return SavedFile(target, fmt, size)
 
 
 def export(bench: Workbench, *, json_path: str | os.PathLike | None = None, pt_path: str | os.PathLike | None = None,
            hf_dir: str | os.PathLike | None = None) -> list[SavedFile]:
     """Write the model in each requested form (``hf_dir``: a Hugging Face Llama folder)."""
-    saved = []
-    if pt_path is not None:
-        saved.append(save(bench, pt_path, "pt"))
-    if json_path is not None:
-        saved.append(save(bench, json_path, "json"))
-    if hf_dir is not None:
-        from .hf_export import export_hf
-
-        folder = Path(hf_dir).expanduser()
-        if is_main_process():
-            folder.mkdir(parents=True, exist_ok=True)
-            export_hf(folder, bench.model, bench.tokenizer)
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-        saved.append(SavedFile(folder, "hf", size))
-    return saved
+    wanted = (("pt", pt_path), ("json", json_path), ("hf", hf_dir))
+    return [save(bench, path, fmt) for fmt, path in wanted if path is not None]
 
 
 def human_size(size: int) -> str:

@@ -225,3 +225,6 @@ def test_export_every_format(corpus, in_tmp):
     assert (in_tmp / "out/hf/config.json").is_file() and all(s.size_bytes > 0 for s in saved)
     hf = wf.open_model("out/hf")
     assert hf.config.hidden_size == TINY["hidden_size"]
+    pt = wf.open_model("out/m.pt")
+    for key in ("stage", "steps", "train_loss"):  # every format carries the same training record
+        assert hf.metadata[key] == pt.metadata[key] is not None, key
