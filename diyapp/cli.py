@@ -429,15 +429,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import TrainingError
-
-    return (CheckpointError, ConfigError, DataError, TrainingError, ValueError, OSError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
@@ -465,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - a script gets one line, never a traceback
         if os.environ.get("DIYAPP_DEBUG"):
             raise
-        known = isinstance(err, _known_errors())
+        from .workflow import known_errors
+
+        known = isinstance(err, known_errors())
         _say(f"error: {_one_line(err)}" if known else f"error: {type(err).__name__}: {_one_line(err)}", err=True)
         return EXIT_FAILURE

@@ -48,7 +48,6 @@ from .checkpoint import (
 
 JSON_FORMAT = "diyapp-json"
 JSON_VERSION = 1
-DEFAULT_JSON_PATH = Path("exports/model_final.json")
 #: How many bytes of number text one orjson call parses; small pieces parse fastest.
 _CHUNK_BYTES = 1 << 20
 #: Line 1 (format, config, metadata) is at most this long; describe reads no further.

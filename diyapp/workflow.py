@@ -31,7 +31,6 @@ STAGE_NAMES = {"pretrain": "预训练 pretrain", "chat": "对话微调 chat"}
 #: Where the app looks for saved models, relative to the working directory.
 MODEL_FOLDERS = ("checkpoints", "exports")
 DEFAULT_PRETRAINED = Path("checkpoints/model_pretrained.pt")
-DEFAULT_PT = Path("checkpoints/model_final.pt")
 DEFAULT_JSON = Path("exports/model_final.json")
 CONTINUE_EPOCHS = 50
 CONTINUE_LR = 1e-4
@@ -511,6 +510,16 @@ def human_count(n: int | None) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.1f}K"
     return str(n)
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is fit to show a person as it is (anything else is a bug)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import TrainingError
+
+    return (CheckpointError, ConfigError, DataError, TrainingError, ValueError, OSError)
 
 
 def int_parser(low: int, high: int, what: str = "数值") -> Parser:

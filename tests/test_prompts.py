@@ -16,7 +16,8 @@ from diyapp.chat import Reply
 from diyapp.generation import GenerationConfig
 from diyapp.ui import chat_loop
 from diyapp.ui.app import App, _heads_parser
-from diyapp.ui.prompts import Option, Prompter, check, epochs_parser, int_parser, lr_parser
+from diyapp.ui.prompts import Option, Prompter, check, epochs_parser, int_parser
+from diyapp.workflow import parse_lr
 
 from .test_workflow import TINY, write_corpus
 
@@ -52,13 +53,13 @@ def test_epochs_refuses_nonsense(text):
 
 @pytest.mark.parametrize("text", ["abc", "0", "-0.001", "nan", "inf", "5", "0.5"])
 def test_learning_rate_refuses_nonsense(text):
-    assert check(lr_parser(), text) is not None
+    assert check(parse_lr, text) is not None
 
 
 def test_parsers_accept_sensible_values_and_defaults():
     assert epochs_parser()(" 50 ") == 50
-    assert lr_parser()("1e-4") == 1e-4
-    assert check(lr_parser(), "", default="0.0001") is None
+    assert parse_lr("1e-4") == 1e-4
+    assert check(parse_lr, "", default="0.0001") is None
     assert check(int_parser(1, 4), "5") is not None
     assert check(_heads_parser(32), "3") is not None       # 32 is not divisible by 3
     assert check(_heads_parser(48), "16") is not None      # head size 3 is odd
@@ -79,8 +80,8 @@ def test_questions_take_numbers_defaults_and_reask_after_bad_answers(pipe, promp
     assert prompter.select("pick", options) == "b"
     assert prompter.select("pick", options, default="c") == "c"
     assert prompter.ask("epochs", epochs_parser(), default=50) == 7
-    assert prompter.ask("lr", lr_parser(), default="0.0001") == 1e-4
-    assert prompter.ask("lr", lr_parser(), default="0.0001") == 0.002
+    assert prompter.ask("lr", parse_lr, default="0.0001") == 1e-4
+    assert prompter.ask("lr", parse_lr, default="0.0001") == 0.002
     assert prompter.confirm("sure?", default=False) is True
     assert prompter.confirm("sure?", default=False) is False
 

@@ -16,23 +16,13 @@ from rich.text import Text
 
 from .. import workflow as wf
 from .chat_loop import run_chat
-from .prompts import Option, Prompter, epochs_parser, int_parser, lr_parser
+from .prompts import Option, Prompter, epochs_parser, int_parser
 from .views import (banner, checkpoint_table, loss_chart, model_summary, results_table, stage_label,
                     TrainingView)
 
 if TYPE_CHECKING:
     from ..data import Corpus
     from ..train import TrainResult
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is fit to show a person (anything else is a bug)."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..data import DataError
-    from ..train import TrainingError
-
-    return (CheckpointError, ConfigError, DataError, TrainingError, ValueError, OSError)
-
 
 def _preload() -> threading.Thread:
     """Import PyTorch and the engine in the background while the person reads the first menu."""
@@ -103,7 +93,7 @@ class App:
                 return 0
             try:
                 bench = {"load": self._load, "resume": self._resume, "new": self._new}[action](infos)
-            except _known_errors() as err:
+            except wf.known_errors() as err:
                 self.error(err)
                 continue
             if bench is not None:
@@ -129,7 +119,7 @@ class App:
         try:
             with self.console.status(f"正在加载 loading {info.path} …"):
                 return wf.open_model(info.path)
-        except _known_errors() as err:
+        except wf.known_errors() as err:
             self.error(err)
             return None
 
@@ -148,7 +138,7 @@ class App:
         self.console.print(model_summary(bench.summary(), f"模型概况 {info.name}"))
         if self.prompter.confirm("继续训练这个模型吗？ Continue training it?", default=False):
             epochs = self.prompter.ask("训练轮数 epochs", epochs_parser(), default=wf.CONTINUE_EPOCHS)
-            lr = self.prompter.ask("学习率 learning rate", lr_parser(), default=f"{wf.CONTINUE_LR:g}")
+            lr = self.prompter.ask("学习率 learning rate", wf.parse_lr, default=f"{wf.CONTINUE_LR:g}")
             corpus = wf.corpus_for(bench)
             if corpus is None:
                 self.say("找不到这个模型当初的训练数据，请选择数据。 The original training data is not "
@@ -173,7 +163,7 @@ class App:
             return None
         try:
             bench, corpus, plans = wf.prepare_resume(loaded, info.path)
-        except _known_errors() as err:
+        except wf.known_errors() as err:
             self.error(err)
             return None
         self.console.print(model_summary(bench.summary(), f"模型概况 {info.name}"))
@@ -204,7 +194,7 @@ class App:
                 "预训练轮数 pretraining epochs", epochs_parser(), default=defaults["pretrain"].epochs)
             overrides["chat_epochs"] = self.prompter.ask(
                 "对话微调轮数 chat-tuning epochs", epochs_parser(), default=defaults["chat"].epochs)
-            overrides["lr"] = self.prompter.ask("学习率 learning rate", lr_parser(),
+            overrides["lr"] = self.prompter.ask("学习率 learning rate", wf.parse_lr,
                                                 default=f"{defaults['pretrain'].lr:g}")
         try:
             plans, notes = wf.plan_new(corpus, config, **overrides)
@@ -215,7 +205,7 @@ class App:
         except KeyboardInterrupt:
             self.say("已取消 cancelled", "yellow")
             return None
-        except _known_errors() as err:
+        except wf.known_errors() as err:
             self.error(err)
             return None
         self.console.print(model_summary(bench.summary(), "新模型 new model"))
@@ -282,7 +272,7 @@ class App:
         except KeyboardInterrupt:
             view.close()
             self.say("已取消 cancelled (Ctrl-C)", "yellow")
-        except _known_errors() as err:
+        except wf.known_errors() as err:
             view.close()
             self.error(err)
         finally:

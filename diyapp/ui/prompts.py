@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from ..workflow import MAX_EPOCHS, MAX_LR, float_parser, int_parser
+from ..workflow import MAX_EPOCHS, int_parser
 
 T = TypeVar("T")
 
@@ -25,10 +25,6 @@ CHAT_PROMPT = "👤 用户: "
 
 def epochs_parser() -> Parser:
     return int_parser(1, MAX_EPOCHS, "训练轮数 epochs ")
-
-
-def lr_parser() -> Parser:
-    return float_parser(0.0, MAX_LR, "学习率 learning rate ")
 
 
 def check(parser: Parser, text: str, default: str = "") -> str | None:
