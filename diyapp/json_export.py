@@ -276,11 +276,10 @@ def describe_json(path: str | os.PathLike) -> dict[str, Any]:
         doc = _full_parse(path)
         header = {k: doc.get(k) for k in ("format", "format_version", "config", "metadata", "has_train_state")}
         header["has_train_state"] = doc.get("train_state") is not None
-    else:
+    else:  # (_full_parse checks the header itself)
         _check_header(path, header)
         if not complete:
             raise CheckpointError(path, _NOT_ENDED)
-    _check_header(path, header)
     st = path.stat()
     return {"path": path, "format": "json", "format_version": header["format_version"],
             "config": header["config"], "metadata": header["metadata"],

@@ -64,14 +64,9 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) on the last dimension: the rotary pairing Llama checkpoints use."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """``out = x * cos + rotate_half(x) * sin`` written half by half, with no temporaries.
+    """``out = x * cos + rotate_half(x) * sin``, where ``rotate_half`` maps halves (x1, x2) to
+    (-x2, x1) as Llama checkpoints pair them, written half by half with no temporaries.
 
     ``cos`` and ``sin`` hold one half of the (duplicated) tables: ``(..., head_dim // 2)``.
     """

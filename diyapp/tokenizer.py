@@ -232,15 +232,6 @@ class DIYTokenizer:
         """``<|im_end|>``: ends a chat turn; generation stops on it."""
         return 2
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return self._special_ids
-
-    @property
-    def backend(self) -> Tokenizer:
-        """The underlying ``tokenizers.Tokenizer`` (special tokens recognised in text)."""
-        return self._tok
-
     # --- encode / decode ----------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

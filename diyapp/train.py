@@ -250,6 +250,22 @@ def _collate(examples: _Examples, rows: list[int], pad_id: int, device: torch.de
 
 # --- the engine -------------------------------------------------------------------------------
 
+def rng_state() -> dict[str, Any]:
+    """PyTorch's random-number state (CPU, and every CUDA device when present) as plain data."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (parts that are missing, or CUDA without a GPU, are skipped)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def lr_at(step: int, total: int, peak: float, floor: float, warmup: int) -> float:
     """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``floor`` at ``total``."""
     if step < warmup:
@@ -545,9 +561,6 @@ class Trainer:
 
         The model weights are not included: checkpoints store them separately.
         """
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "version": STATE_VERSION,
             "stage": self.stage,
@@ -565,7 +578,7 @@ class Trainer:
             "last_loss": self.last_loss,
             "last_val_loss": self.last_val,
             "loss_history": [[s, l] for s, l in self.loss_history],
-            "rng": rng,
+            "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -587,8 +600,4 @@ class Trainer:
         sched = state.get("scheduler", {})
         if sched.get("total_steps") == self.total_steps and "warmup_steps" in sched:
             self.warmup = int(sched["warmup_steps"])
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(state.get("rng", {}))

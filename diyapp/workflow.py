@@ -264,12 +264,12 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
     the model keeps what it learned and :func:`train_state` makes it resumable. ``after_stage`` runs
     after each finished stage that has more stages after it (the app offers a save there);
     ``on_trainer`` gets each trainer before it runs (to stop it from elsewhere)."""
-    from .train import Trainer
+    from .train import Trainer, set_rng_state
 
     results = []
     for index, plan in enumerate(plans):
         if plan.rng:
-            _set_rng(plan.rng)
+            set_rng_state(plan.rng)
         trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config, on_event=on_event)
         if plan.state is not None:
             trainer.load_state_dict(plan.state)
@@ -293,15 +293,6 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         if after_stage is not None and index + 1 < len(plans):
             after_stage(bench, result)
     return results
-
-
-def _set_rng(rng: dict) -> None:
-    import torch
-
-    if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def train_state(bench: Workbench) -> dict | None:
