@@ -444,14 +444,14 @@ class Trainer:
         for rows in group:
             mine = rows[self.rank::self.world]
             parts.append(_collate(self.train_rows, mine, self.tokenizer.pad_token_id, self.device))
-        local = torch.tensor([float(p[3]) for p in parts], device=self.device)
-        counts = local.clone()
+        total_targets = float(sum(p[3] for p in parts))
         if self.world > 1:
-            torch.distributed.all_reduce(counts)
-        total_targets = float(counts.sum())
+            t = torch.tensor([total_targets], device=self.device)
+            torch.distributed.all_reduce(t)
+            total_targets = float(t)
         loss_sum = 0.0
         tokens = 0
-        for (ids, lengths, mask, n), n_local in zip(parts, local.tolist()):
+        for ids, lengths, mask, n_local in parts:
             tokens += int(lengths.sum())
             # Each micro-batch's mean is re-weighted by its share of all targets in the step (over
             # every rank), so K processes and one process compute the same gradient.
@@ -460,12 +460,12 @@ class Trainer:
                 loss = self._module(ids, lengths, mask)
             (loss * weight).backward()
             loss_sum += float(loss.detach()) * n_local
-        loss_value = loss_sum / total_targets * self.world if total_targets else 0.0
+        loss_value = loss_sum / total_targets if total_targets else 0.0  # this rank's share of the mean
         if self.world > 1:
-            t = torch.tensor([loss_value / self.world], device=self.device)
+            t = torch.tensor([loss_value], device=self.device)
             torch.distributed.all_reduce(t)
-            loss_value = float(t)
-        if self._agree(not math.isfinite(loss_value)):
+            loss_value = float(t)  # the same on every rank, so every rank sees a NaN
+        if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.config.grad_clip > 0:
