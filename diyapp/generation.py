@@ -62,24 +62,23 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty!r}")
 
 
-def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
-    """Scale by temperature, then keep the top-k tokens, then the top-p nucleus of what is left.
-
-    ``logits``: ``(batch, vocab)``. Removed tokens get ``-inf``. Top-k and top-p compose: a token
-    survives only if both allow it. At least one token always survives.
-    """
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def sample(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of ``logits`` ``(batch, vocab)``: scale by temperature, keep the top-k
+    tokens, then the top-p nucleus of those (top-k and top-p compose as in Hugging Face: a token
+    survives only if both allow it; the best token always survives), and draw. Only the top-k
+    candidates are sorted and drawn from, never the whole vocabulary."""
+    scaled = logits / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        values, ids = torch.topk(scaled, top_k, dim=-1)  # sorted, best first
+    elif top_p is not None and top_p < 1.0:
+        values, ids = torch.sort(scaled, dim=-1, descending=True)
+    else:
+        return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = values.softmax(dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # probability mass ranked above each token
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(1)
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -173,8 +172,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
             if temperature == 0:
                 token = logits.argmax(dim=-1)
             else:
-                probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                token = sample(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
             seq[:, total] = token

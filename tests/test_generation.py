@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diyapp import generate
-from diyapp.generation import GenerationConfig, filter_logits
+from diyapp.generation import GenerationConfig, sample
 
 
 def test_greedy_cached_equals_reference(tiny_model, tiny_config):
@@ -65,8 +65,7 @@ def test_top_k_and_top_p_restrict_what_is_sampled():
     # above token 2 is 0.71, so only {0,1} survive: smaller than either filter alone.
     gen = torch.Generator().manual_seed(0)
     for top_k, top_p, allowed in [(4, None, {0, 1, 2, 3}), (None, 0.7, {0, 1, 2}), (4, 0.7, {0, 1})]:
-        filtered = filter_logits(logits, 1.0, top_k, top_p)
-        draws = torch.multinomial(filtered.softmax(-1).expand(3000, -1), 1, generator=gen).flatten()
+        draws = sample(logits.expand(3000, -1), 1.0, top_k, top_p, generator=gen)
         assert set(draws.tolist()) == allowed
 
 
