@@ -71,33 +71,20 @@ def load_data(path: str | os.PathLike | None = None) -> "Corpus":
 
 def corpus_from_sources(sources: Sequence[str]) -> "Corpus":
     """Reload the corpus a model was trained on from its recorded source files (exact resume needs
-    the same rows). The bundled data is recognised and read as such."""
-    from .data import Corpus, DataError, bundled_corpus, load_corpus
+    the same rows). The bundled data is read like any other files."""
+    from .data import Corpus, DataError, load_corpus
 
     # A folder's listing also notes the files it skipped ("path (skipped: why)"): they held no data.
     sources = [str(s) for s in sources or [] if not str(s).endswith(")") or " (skipped: " not in str(s)]
     if not sources:
         raise DataError("the checkpoint does not record which data it was trained on")
-    try:
-        bundled = bundled_corpus()
-    except (DataError, OSError):
-        bundled = None
-    if bundled is not None and _same_files(sources, bundled.sources):
-        return bundled
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise DataError(f"the training data {missing[0]} is no longer there; put it back or train on other data")
-    parts = [load_corpus(Path(s)) for s in sources]
-    if len(parts) == 1:
-        return parts[0]
-    return Corpus(texts=[t for p in parts for t in p.texts], dialogues=[d for p in parts for d in p.dialogues],
-                  sources=[s for p in parts for s in p.sources])
-
-
-def _same_files(a: Sequence[str], b: Sequence[str]) -> bool:
-    def norm(paths: Sequence[str]) -> set[str]:
-        return {os.path.realpath(p) for p in paths}
-    return bool(a) and norm(a) == norm(b)
+    corpus = Corpus()
+    for source in sources:
+        corpus = corpus.merged(load_corpus(Path(source)))
+    return corpus
 
 
 # --- stages ------------------------------------------------------------------------------------
