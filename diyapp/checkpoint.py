@@ -141,6 +141,22 @@ def downsample_history(history: Iterable[Any] | None, limit: int = MAX_LOSS_HIST
     return [points[i] for i in picks]
 
 
+#: The metadata fields every save fills in (the caller's values win where given).
+AUTOMATIC_KEYS = ("created_at", "parameters", "app_version", "stage", "steps", "train_loss", "val_loss",
+                  "loss_history")
+
+
+def _with_automatic(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the automatic fields first, computed only where missing, and the loss history
+    downsampled to at most 200 points."""
+    out = {"created_at": meta["created_at"] if "created_at" in meta else _now_iso(),
+           "parameters": meta["parameters"] if "parameters" in meta else count_parameters(model),
+           "app_version": meta["app_version"] if "app_version" in meta else _app_version(),
+           "stage": None, "steps": None, "train_loss": None, "val_loss": None, **meta}
+    out["loss_history"] = downsample_history(meta.get("loss_history"))
+    return out
+
+
 def build_metadata(model: Any, *, stage: str | None = None, steps: int | None = None,
                    train_loss: float | None = None, val_loss: float | None = None,
                    loss_history: Iterable[Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -150,18 +166,9 @@ def build_metadata(model: Any, *, stage: str | None = None, steps: int | None = 
     (floats or ``[step, loss]`` pairs) is downsampled to at most 200 points. Extra keyword values
     must be plain JSON data; non-finite floats become None.
     """
-    meta: dict[str, Any] = {
-        "created_at": _now_iso(),
-        "parameters": count_parameters(model),
-        "app_version": _app_version(),
-        "stage": stage,
-        "steps": steps,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "loss_history": downsample_history(loss_history),
-    }
-    meta.update(extra)
-    return plain_metadata(meta)
+    meta = {"stage": stage, "steps": steps, "train_loss": train_loss, "val_loss": val_loss,
+            "loss_history": loss_history, **extra}
+    return plain_metadata(_with_automatic(model, meta))
 
 
 def plain_metadata(value: Any, where: str = "metadata") -> Any:
@@ -196,19 +203,13 @@ def fill_metadata(path: str | os.PathLike, model: Any, metadata: dict[str, Any] 
                   train_state: Any = None) -> dict[str, Any]:
     """The caller's metadata with the automatic fields added where missing."""
     meta = dict(metadata or {})
-    meta.setdefault("created_at", _now_iso())
-    meta.setdefault("parameters", count_parameters(model))
-    meta.setdefault("app_version", _app_version())
-    for key in ("stage", "steps", "train_loss", "val_loss"):
-        meta.setdefault(key, None)
     if isinstance(train_state, dict):  # what a Trainer state knows, unless the caller said otherwise
         for meta_key, state_key in (("stage", "stage"), ("steps", "step"), ("train_loss", "last_loss"),
                                     ("val_loss", "last_val_loss"), ("loss_history", "loss_history")):
             if meta.get(meta_key) is None and train_state.get(state_key) is not None:
                 meta[meta_key] = train_state[state_key]
-    meta["loss_history"] = downsample_history(meta.get("loss_history"))
     try:
-        return plain_metadata(meta)
+        return plain_metadata(_with_automatic(model, meta))
     except TypeError as exc:
         raise CheckpointError(path, f"cannot save: {exc}") from None
 

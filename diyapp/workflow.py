@@ -400,16 +400,14 @@ def metadata_for(bench: Workbench, state: dict | None = None) -> dict[str, Any]:
     """The metadata stored with a saved model (stage, steps, losses, data, per-stage results).
     ``state`` is the training state saved alongside (``.pt`` only): ``resumable`` and
     ``next_stages`` summarise it so a listing can tell without loading the file."""
-    from .checkpoint import build_metadata
+    from .checkpoint import AUTOMATIC_KEYS, build_metadata
 
     history = [[s, l] for s, l in bench.loss_history()] or bench.metadata.get("loss_history") or []
     stages = list(bench.metadata.get("stage_results") or [])
     stages += [{"stage": r.stage, "status": r.status, "steps": r.steps, "total_steps": r.total_steps,
                 "train_loss": r.train_loss, "val_loss": r.val_loss, "elapsed_s": round(r.elapsed_s, 3)}
                for r in bench.results]
-    automatic = ("created_at", "parameters", "app_version", "stage", "steps", "train_loss", "val_loss",
-                 "loss_history")
-    kept = {k: v for k, v in bench.metadata.items() if k not in automatic}
+    kept = {k: v for k, v in bench.metadata.items() if k not in AUTOMATIC_KEYS}
     kept.update(corpus_sources=list(bench.corpus_sources), stage_results=stages, resumable=is_resumable(state),
                 next_stages=_next_stages(state))
     return build_metadata(bench.model, stage=bench.stage, steps=bench.steps, train_loss=bench.train_loss,
