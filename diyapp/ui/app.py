@@ -116,12 +116,9 @@ class App:
     # -- load / resume / new ---------------------------------------------------------------------
 
     def _open(self, info: Any) -> Any:
-        try:
-            with self.console.status(f"正在加载 loading {info.path} …"):
-                return wf.open_model(info.path)
-        except wf.known_errors() as err:
-            self.error(err)
-            return None
+        """The loaded file (a failure goes up to the menu loop, which shows it)."""
+        with self.console.status(f"正在加载 loading {info.path} …"):
+            return wf.open_model(info.path)
 
     def _load(self, infos: list[Any]) -> wf.Workbench | None:
         readable = [i for i in infos if not i.error]
@@ -131,10 +128,7 @@ class App:
         info = self._pick("加载哪个模型？ Which model?", readable)
         if info is None:
             return None
-        loaded = self._open(info)
-        if loaded is None:
-            return None
-        bench = wf.bench_from_loaded(loaded, info.path)
+        bench = wf.bench_from_loaded(self._open(info), info.path)
         self.console.print(model_summary(bench.summary(), f"模型概况 {info.name}"))
         if self.prompter.confirm("继续训练这个模型吗？ Continue training it?", default=False):
             epochs = self.prompter.ask("训练轮数 epochs", epochs_parser(), default=wf.CONTINUE_EPOCHS)
@@ -158,14 +152,7 @@ class App:
         info = self._pick("从哪个检查点继续？ Resume which checkpoint?", candidates)
         if info is None:
             return None
-        loaded = self._open(info)
-        if loaded is None:
-            return None
-        try:
-            bench, corpus, plans = wf.prepare_resume(loaded, info.path)
-        except wf.known_errors() as err:
-            self.error(err)
-            return None
+        bench, corpus, plans = wf.prepare_resume(self._open(info), info.path)
         self.console.print(model_summary(bench.summary(), f"模型概况 {info.name}"))
         first = plans[0]
         if first.state is not None:
@@ -204,9 +191,6 @@ class App:
                 bench = wf.start_new(corpus, config)
         except KeyboardInterrupt:
             self.say("已取消 cancelled", "yellow")
-            return None
-        except wf.known_errors() as err:
-            self.error(err)
             return None
         self.console.print(model_summary(bench.summary(), "新模型 new model"))
         if not self._train(bench, plans, corpus):
