@@ -32,9 +32,9 @@ class GenerationConfig:
 
         Raises ValueError with a message fit to show a user.
         """
-        kinds = {f.name: f.type for f in fields(self)}
-        if name not in kinds:
-            raise ValueError(f"unknown setting {name!r}; settings: {', '.join(kinds)}")
+        names = [f.name for f in fields(self)]
+        if name not in names:
+            raise ValueError(f"unknown setting {name!r}; settings: {', '.join(names)}")
         raw = text.strip().lower()
         value: Any
         if name in ("top_k", "top_p") and raw in ("none", "off", "0", ""):

@@ -214,3 +214,23 @@ def test_decode_step_equals_forward_with_cache(tiny_config):
     assert torch.allclose(got, expected[:, -1], atol=1e-5)
     assert cache_b[0][1] == cache_a[0][1] == 10
     assert torch.allclose(cache_b[1][0]["k"], cache_a[1][0]["k"], atol=1e-5)
+
+
+@pytest.mark.parametrize("block_rows", [7, 64, 1000])
+def test_linear_cross_entropy_matches_plain_cross_entropy_in_any_block_size(block_rows):
+    """Several blocks (7 rows a block over 50 rows, the last one short), one block, and more than all
+    rows give the loss and both gradients of the plain logits + cross-entropy."""
+    from diyapp.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 40, (50,), generator=gen)
+    fused = linear_cross_entropy(hidden, weight, targets, block_rows=block_rows)
+    fused.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    plain.backward()
+    assert torch.allclose(fused, plain, atol=1e-6)
+    assert torch.allclose(grads[0], hidden.grad, atol=1e-6) and torch.allclose(grads[1], weight.grad, atol=1e-6)
