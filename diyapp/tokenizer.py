@@ -211,7 +211,7 @@ class DIYTokenizer:
         return len(self._id_bytes)
 
     def __len__(self) -> int:
-        return len(self._id_bytes)
+        return self.vocab_size
 
     @property
     def eos_token_id(self) -> int:
@@ -221,7 +221,7 @@ class DIYTokenizer:
     @property
     def pad_token_id(self) -> int:
         """Padding uses the end-of-text id (padded positions are masked out of the loss)."""
-        return 0
+        return self.eos_token_id
 
     @property
     def im_start_id(self) -> int:
