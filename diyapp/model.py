@@ -10,6 +10,11 @@ matrix (``qkv_proj``) and so are the gate/up projections (``gate_up_proj``).
 KV cache: ``past_key_values`` / ``presents`` hold one ``(cache, cached_pos)`` pair per layer, where
 ``cache = {"k": Tensor, "v": Tensor}`` is preallocated to ``(batch, num_kv_heads, max_seq_len,
 head_dim)`` and written in place, and ``cached_pos`` counts the filled positions.
+
+Fast paths live in their own modules and are named where they are used: ``kernels.rms_norm``,
+``kernels.qkv_rotary``, ``kernels.swiglu`` and ``kernels.linear_cross_entropy`` (hand-written
+backward passes, each beside its plain PyTorch reference) and :class:`~diyapp.decoder.Decoder`
+(one-token decoding, behind :meth:`DIYForCausalLM.decode_step`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from . import kernels
 from .config import DIYConfig
-
-LayerCache = tuple[dict[str, Tensor], int]
-KVCache = list[LayerCache]
+from .decoder import Decoder, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -36,112 +39,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32:
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: fewer passes over the activations than autograd's."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
-        rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        normed = x * rstd
-        ctx.save_for_backward(normed, rstd, weight)
-        return normed * weight
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        normed, rstd, weight = ctx.saved_tensors
-        grad_weight = (grad * normed).sum(dim=tuple(range(grad.dim() - 1))) if ctx.needs_input_grad[1] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = grad * weight
-            dot = (grad_normed * normed).sum(-1, keepdim=True).div_(-normed.shape[-1])
-            grad_x = grad_normed.addcmul_(normed, dot).mul_(rstd)
-        return grad_x, grad_weight, None
-
-
-def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor) -> None:
-    """``out = x * cos + rotate_half(x) * sin``, where ``rotate_half`` maps halves (x1, x2) to
-    (-x2, x1) as Llama checkpoints pair them, written half by half with no temporaries.
-
-    ``cos`` and ``sin`` hold one half of the (duplicated) tables: ``(..., head_dim // 2)``.
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out1, out2 = out[..., :half], out[..., half:]
-    torch.mul(x1, cos, out=out1)
-    out1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=out2)
-    out2.addcmul_(x1, sin)
-
-
-class _QKVRotary(torch.autograd.Function):
-    """Split a fused ``qkv`` projection into heads and rotate the queries and keys.
-
-    Forward: ``qkv`` ``(batch, seq, (nh + 2 * nkv) * head_dim)`` -> ``q, k, v`` as
-    ``(batch, heads, seq, head_dim)`` views of one fresh ``(batch, seq, heads, head_dim)`` buffer,
-    the layout the CPU attention kernel reads fastest. Backward writes the three gradients straight
-    into one buffer shaped like ``qkv`` (no concatenation, no extra copies), which is most of the
-    saving over composing ``split``, ``rotate_half`` and ``cat`` under autograd.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, nh: int, nkv: int):  # type: ignore[override]
-        batch, length, width = qkv.shape
-        head_dim = width // (nh + 2 * nkv)
-        x = qkv.view(batch, length, nh + 2 * nkv, head_dim)
-        cos, sin = cos[:, None, :].to(qkv.dtype), sin[:, None, :].to(qkv.dtype)  # (seq, 1, half)
-        out = torch.empty_like(x)
-        _rotate_into(out[:, :, :nh + nkv], x[:, :, :nh + nkv], cos, sin)
-        out[:, :, nh + nkv:] = x[:, :, nh + nkv:]
-        ctx.save_for_backward(cos, sin)
-        ctx.shape = (nh, nkv, x.shape)
-        return (out[:, :, :nh].transpose(1, 2), out[:, :, nh:nh + nkv].transpose(1, 2),
-                out[:, :, nh + nkv:].transpose(1, 2))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor):  # type: ignore[override]
-        cos, sin = ctx.saved_tensors
-        nh, nkv, shape = ctx.shape
-        grad = torch.empty(shape, dtype=cos.dtype, device=cos.device)
-        for part, g in ((slice(0, nh), grad_q), (slice(nh, nh + nkv), grad_k)):
-            if g is None:
-                grad[:, :, part] = 0
-            else:  # the transpose of a rotation is the rotation by the opposite angle
-                _rotate_into(grad[:, :, part], g.transpose(1, 2), cos, -sin)
-        if grad_v is None:
-            grad[:, :, nh + nkv:] = 0
-        else:
-            grad[:, :, nh + nkv:] = grad_v.transpose(1, 2)
-        return grad.flatten(2), None, None, None, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` from the fused ``gate_up`` projection, its gradient written in one buffer."""
-
-    @staticmethod
-    def forward(ctx, gate_up: Tensor) -> Tensor:  # type: ignore[override]
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(gate_up, act)
-        return act * up
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        gate_up, act = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.empty_like(gate_up)
-        grad_gate, grad_up = out.chunk(2, dim=-1)
-        torch.mul(grad, act, out=grad_up)
-        torch.mul(grad, up, out=grad_gate)
-        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return out
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -177,7 +75,7 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         nh, nkv = self.num_heads, self.num_kv_heads
         half = self.head_dim // 2  # the tables repeat their first half; one half is enough
-        q, k, v = _QKVRotary.apply(self.qkv_proj(x), cos[:, :half], sin[:, :half], nh, nkv)
+        q, k, v = kernels.qkv_rotary(self.qkv_proj(x), cos[:, :half], sin[:, :half], nh, nkv)
         if cache is not None:
             end = cache_pos + length
             cache["k"][:, :, cache_pos:end] = k
@@ -208,7 +106,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(_SwiGLU.apply(self.gate_up_proj(x)))
+        return self.down_proj(kernels.swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -283,63 +181,6 @@ def causal_lm_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | N
     return F.cross_entropy(logits[:, :-1][valid].float(), input_ids[:, 1:][valid])
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, a block of rows at a time.
-
-    Each block's logits (``rows x vocab``) are small enough to stay in the CPU cache, and with
-    ``want_grad`` the block's softmax gradient is turned into the gradients of ``hidden`` and
-    ``weight`` right away, so the full ``(tokens, vocab)`` logits, log-probabilities and their
-    gradient are never materialised (on the default model they are 50 MB each per step, and
-    fresh allocations that large cost page faults on every step). ``backward`` only scales the
-    gradients computed here. The result equals ``F.cross_entropy(hidden @ weight.T, targets)``.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, want_grad: bool,  # type: ignore[override]
-                block_rows: int) -> Tensor:
-        rows = hidden.shape[0]
-        acc = torch.promote_types(weight.dtype, torch.float32)  # float32 (float64 in gradcheck)
-        grad_hidden = torch.empty_like(hidden) if want_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
-        total = torch.zeros((), dtype=acc, device=hidden.device)
-        minus_one = torch.full((min(block_rows, rows), 1), -1.0, dtype=acc, device=hidden.device)
-        for begin in range(0, rows, block_rows):
-            h = hidden[begin:begin + block_rows]
-            t = targets[begin:begin + block_rows, None]
-            logp = F.log_softmax(torch.mm(h, weight.t()).to(acc), dim=-1)  # bf16 logits -> float32
-            total -= logp.gather(1, t).sum()
-            if want_grad:
-                grad_logits = logp.exp_().scatter_add_(1, t, minus_one[:len(t)])  # softmax - one_hot
-                grad_hidden[begin:begin + block_rows] = torch.mm(grad_logits, weight)
-                grad_weight += torch.mm(grad_logits.t(), h)
-        ctx.rows = rows
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / rows
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is None:
-            raise RuntimeError("this loss was computed without gradients (want_grad=False)")
-        scale = grad / ctx.rows
-        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None
-
-
-#: Logits per block in :class:`_LinearCrossEntropy`: 4M floats (16 MB), 655 rows at vocabulary 6400.
-LOSS_BLOCK_ELEMENTS = 1 << 22
-
-
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
-                         block_rows: int | None = None) -> Tensor:
-    """``F.cross_entropy(hidden @ weight.T, targets)`` for ``hidden`` ``(rows, dim)``, computed in
-    blocks of rows without materialising all the logits (see :class:`_LinearCrossEntropy`)."""
-    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    block_rows = block_rows or max(64, LOSS_BLOCK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, want_grad, block_rows)
-
-
 class DIYModel(nn.Module):
     """The backbone: embeddings and decoder layers; returns final-normed hidden states."""
 
@@ -389,70 +230,6 @@ class DIYModel(nn.Module):
         if use_cache:
             return x, [(cache, start + length) for cache, _ in past_key_values]
         return x
-
-
-class Decoder:
-    """One-token decoding for :class:`DIYForCausalLM` without modules, checks or autograd.
-
-    Built by :meth:`DIYForCausalLM.decoder`; ``decoder(input_ids, cache)`` equals
-    ``model(input_ids, past_key_values=cache, use_cache=True)`` with the logits of the last
-    position, up to float rounding. A batch of one new token is a chain of matrix-vector products
-    whose cost on a CPU is reading the weights plus a few microseconds per operation, so this keeps
-    both small: every weight is stored ``(in, out)`` (read about twice as fast as ``(out, in)`` by a
-    one-row product), each RMSNorm scale is folded into the matrix after it, the rotary embedding
-    of each position is one precomputed ``head_dim x head_dim`` matrix, and the residual additions
-    ride on ``addmm``.
-    """
-
-    def __init__(self, model: "DIYForCausalLM") -> None:
-        config = model.config
-        self.nh, self.nkv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.inter, self.max_seq_len = config.intermediate_size, config.max_seq_len
-        # rsqrt(sum x^2 + d * eps) = rsqrt(mean x^2 + eps) / sqrt(d): the sqrt(d) goes into the weights
-        self.eps = config.hidden_size * config.rms_norm_eps
-        root = math.sqrt(config.hidden_size)
-
-        def fold(norm: RMSNorm, linear: nn.Linear) -> Tensor:
-            return (linear.weight * (norm.weight * root)).t().contiguous()
-
-        with torch.no_grad():
-            self.embed = model.model.embed_tokens.weight.detach()
-            self.layers = [(fold(layer.input_layernorm, layer.self_attn.qkv_proj),
-                            layer.self_attn.o_proj.weight.t().contiguous(),
-                            fold(layer.post_attention_layernorm, layer.mlp.gate_up_proj),
-                            layer.mlp.down_proj.weight.t().contiguous()) for layer in model.model.layers]
-            self.head = fold(model.model.norm, model.lm_head)
-            # x @ rotation[p] == x * cos[p] + rotate_half(x) * sin[p]
-            cos, sin = model.model.rotary.cos, model.model.rotary.sin
-            half = self.head_dim // 2
-            idx = torch.arange(half, device=cos.device)
-            rotation = torch.diag_embed(cos)
-            rotation[:, idx + half, idx] = -sin[:, :half]
-            rotation[:, idx, idx + half] = sin[:, half:]
-            self.rotation = rotation.to(self.head.dtype)
-
-    def __call__(self, input_ids: Tensor, past_key_values: KVCache) -> tuple[Tensor, KVCache]:
-        pos = past_key_values[0][1]
-        if pos >= self.max_seq_len:
-            raise ValueError(f"{pos + 1} positions exceed max_seq_len={self.max_seq_len}")
-        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps
-        batch, end = input_ids.shape[0], pos + 1
-        rotation = self.rotation[pos]
-        x = F.embedding(input_ids[:, -1], self.embed)
-        for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
-            qkv = torch.mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t).view(batch, -1, head_dim)
-            qk = torch.matmul(qkv[:, :nh + nkv], rotation)
-            k_cache, v_cache = cache["k"], cache["v"]
-            k_cache.select(2, pos).copy_(qk[:, nh:])
-            v_cache.select(2, pos).copy_(qkv[:, nh + nkv:])
-            # grouped-query attention without repeating keys: each kv head's queries form the rows
-            y = F.scaled_dot_product_attention(qk[:, :nh].view(batch, nkv, nh // nkv, head_dim),
-                                               k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end))
-            x = torch.addmm(x, y.reshape(batch, nh * head_dim), o_t)
-            gate_up = torch.mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), gate_up_t)
-            x = torch.addmm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_t)
-        logits = torch.mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), self.head)
-        return logits, [(cache, end) for cache, _ in past_key_values]
 
 
 class DIYForCausalLM(nn.Module):
@@ -544,4 +321,4 @@ class DIYForCausalLM(nn.Module):
             rows, targets = hidden[:, :-1][valid], input_ids[:, 1:][valid]
         else:
             return hidden.sum() * 0.0
-        return linear_cross_entropy(rows, self.lm_head.weight, targets)
+        return kernels.linear_cross_entropy(rows, self.lm_head.weight, targets)

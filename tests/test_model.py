@@ -220,7 +220,7 @@ def test_decode_step_equals_forward_with_cache(tiny_config):
 def test_linear_cross_entropy_matches_plain_cross_entropy_in_any_block_size(block_rows):
     """Several blocks (7 rows a block over 50 rows, the last one short), one block, and more than all
     rows give the loss and both gradients of the plain logits + cross-entropy."""
-    from diyapp.model import linear_cross_entropy
+    from diyapp.kernels import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(50, 16, generator=gen, requires_grad=True)
