@@ -313,7 +313,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return run_chat(bench, app.console, app.prompter, settings=settings,
                         on_save=lambda: app.save_flow(bench, ask_first=False))
     session = ChatSession(bench.model, bench.tokenizer, settings)
-    lines = [args.prompt] if args.prompt is not None else sys.stdin
+    lines = [args.prompt] if args.prompt is not None else _input_lines(sys.stdin)
     for line in lines:
         message = line.strip()
         if not message:
@@ -338,6 +338,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
     return EXIT_OK
+
+
+def _input_lines(stream: Any) -> Any:
+    """The lines of piped input as text: bytes that are not UTF-8 are replaced (with a note naming
+    the line), never the end of the input."""
+    from .ui.chat_loop import NOT_UTF8, readable_line
+
+    for number, raw in enumerate(getattr(stream, "buffer", stream), 1):
+        line, replaced = readable_line(raw)
+        if replaced:
+            _say(f"note: line {number}: {NOT_UTF8}", err=True)
+        yield line
 
 
 class _OneLine:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
@@ -30,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-__all__ = ["SPECIAL_TOKENS", "CHAT_ROLES", "CHAT_TEMPLATE", "DIYTokenizer", "StreamDecoder"]
+__all__ = ["SPECIAL_TOKENS", "CHAT_ROLES", "CHAT_TEMPLATE", "DIYTokenizer", "StreamDecoder", "clean_text"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -43,6 +44,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with each lone surrogate replaced by U+FFFD. Python keeps undecodable input bytes
+    as lone surrogates (``surrogateescape``: terminals, pipes, argv) and JSON may hold them
+    (``"\\ud800"``); they are not text, and the tokenizer library refuses them."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 @lru_cache(maxsize=1)
@@ -236,10 +247,14 @@ class DIYTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text: no special tokens added, and special-token strings in the text are
-        encoded as ordinary text (see the module docstring)."""
+        encoded as ordinary text (see the module docstring). Lone surrogates become U+FFFD
+        (:func:`clean_text`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self._plain.encode(text, add_special_tokens=False).ids
+        try:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (undecodable bytes): encoded as U+FFFD
+            return self._plain.encode(clean_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. Bytes that do not form a complete UTF-8 character become U+FFFD;

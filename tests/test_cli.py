@@ -108,6 +108,19 @@ def test_chat_one_prompt_and_piped_lines(trained, capsys, monkeypatch):
     assert captured.out.count("\n") == 2 and "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("encoding", [None, "utf-8:strict"])
+def test_piped_chat_survives_bytes_that_are_not_utf8(trained, encoding):
+    env = {} if encoding is None else {"PYTHONIOENCODING": encoding}
+    result = subprocess.run([sys.executable, str(MAIN), "chat", "--model", str(trained / "m.pt"), "--max-new-tokens",
+                             "3", "--seed", "1"], input=b"ab\xff\xfecd\n\xe4\xbd\xa0\xe5\xa5\xbd\n", capture_output=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **env), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode("utf-8").count("\n") == 2            # both lines answered
+    err = result.stderr.decode("utf-8")
+    assert "Traceback" not in err and "error" not in err
+    assert "line 1" in one_line_error(err) and "UTF-8" in err        # one note, naming the line
+
+
 def test_export_formats_and_refusals(trained, capsys):
     out = trained / "exported"
     assert main(["export", "--model", str(trained / "m.pt"), "--json", str(out / "e.json"), "--pt",

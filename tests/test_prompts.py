@@ -172,6 +172,14 @@ def bench(tmp_path, monkeypatch):
     return wf.start_new(corpus, wf.model_config("custom", **TINY))
 
 
+def test_chat_loop_answers_after_a_line_that_is_not_utf8(pipe, prompter, console, bench):
+    pipe.send_bytes(b"ab\xff\xfecd\r" + "你好\r".encode() + b"exit\r")
+    assert chat_loop.run_chat(bench, console, prompter, settings=GenerationConfig(max_new_tokens=3)) == 0
+    text = output(console)
+    assert text.count("🤖 助手:") == 2 and "生成失败" not in text
+    assert "UTF-8" in text
+
+
 def test_save_flow_both_formats_with_defaults(pipe, prompter, console, bench):
     app = App(console, prompter, preload=False)
     pipe.send_text("\r3\r\r\r")

@@ -110,6 +110,12 @@ def test_literal_special_strings_stay_text(tok):
         "<|im_start|>hi<|im_end|><|endoftext|>"
 
 
+def test_lone_surrogates_encode_as_replacement_characters(tok):
+    # What Python keeps for bytes that are not UTF-8 (surrogateescape), and a bad JSON escape.
+    assert tok.encode("ab\udcff\udcfecd") == tok.encode("ab\ufffd\ufffdcd")
+    assert tok.decode(tok.encode("\ud800你")) == "\ufffd你"
+
+
 def test_decode_ignores_ids_outside_the_vocabulary(tok):
     ids = tok.encode("你好")
     assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 50]) == "你好"

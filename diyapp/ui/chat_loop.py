@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..workflow import Workbench
 
 ASSISTANT_PREFIX = "🤖 助手: "
+NOT_UTF8 = "输入中不是 UTF-8 的字节已换成 � (bytes that are not UTF-8 were replaced with �)"
 COMMANDS = {
     "exit": "exit", "quit": "exit", "退出": "exit", "bye": "exit",
     "clear": "clear", "清空": "clear", "reset": "clear",
@@ -34,6 +35,20 @@ HELP = """命令 commands:
   help / 帮助               显示本帮助 this help
 回答时按 Ctrl-C 可打断回答；在提示符处按 Ctrl-C 或 Ctrl-D 退出。
 Ctrl-C while answering stops the answer; Ctrl-C or Ctrl-D at the prompt quits."""
+
+
+def readable_line(line: str | bytes) -> tuple[str, bool]:
+    """One line of input as text, and whether it held bytes that are not UTF-8: those (raw bytes,
+    or the lone surrogates Python keeps for them) become U+FFFD, so the line can still be answered."""
+    from ..tokenizer import clean_text
+
+    if isinstance(line, bytes):
+        try:
+            return line.decode("utf-8"), False
+        except UnicodeDecodeError:
+            return line.decode("utf-8", "replace"), True
+    text = clean_text(line)
+    return text, text != line
 
 
 def parse_command(line: str) -> tuple[str, str] | None:
@@ -126,6 +141,9 @@ def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
         except EOFError:
             console.print(Text("\n再见 bye", style="dim"))
             return 0
+        line, replaced = readable_line(line)
+        if replaced:
+            console.print(Text(NOT_UTF8, style="yellow"))
         if not line.strip():
             continue
         command = parse_command(line)
