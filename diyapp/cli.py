@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SUBCOMMANDS = ("train", "resume", "chat", "export", "info", "list")
-NEEDS_TERMINAL = ("diyapp: the guided session needs a terminal (stdin and stdout); in scripts use a "
-                  "subcommand: " + ", ".join(SUBCOMMANDS) + " (see `python main.py --help`)")
+NEEDS_TERMINAL = ("diyapp: 引导模式需要终端，脚本里请用子命令 the guided session needs a terminal (stdin and "
+                  "stdout); in scripts use a subcommand: " + ", ".join(SUBCOMMANDS) + " (see `python main.py --help`)")
 
 
 class UsageError(Exception):
@@ -24,15 +24,23 @@ class UsageError(Exception):
 
 # --- argument types ------------------------------------------------------------------------------
 
+def _argument(parser: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse type from one of the app's parsers (argparse names the option, the parser says
+    why in both languages)."""
+    def parse(text: str) -> Any:
+        try:
+            return parser(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = name
+    return parse
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
+        from .workflow import int_parser
+
+        return _argument(int_parser(low, sys.maxsize), "integer")(text)
     parse.__name__ = "integer"
     return parse
 
@@ -40,20 +48,14 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _lr(text: str) -> float:
     from .workflow import parse_lr
 
-    try:
-        return parse_lr(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-_lr.__name__ = "learning rate"
+    return _argument(parse_lr, "learning rate")(text)
 
 
 def _float(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"需要一个数字 must be a number (got {text!r})") from None
 
 
 _float.__name__ = "number"
@@ -172,15 +174,16 @@ def _check_targets(targets: list[tuple[Any, str]], force: bool, allowed: set[str
     for path, fmt in targets:
         if fmt == "hf":
             if path.exists() and not path.is_dir():
-                raise UsageError(f"{path} is a file, not a folder")
+                raise UsageError(f"{path} 是文件，不是文件夹 is a file, not a folder")
             if path.is_dir() and any(path.iterdir()) and not force:
-                raise FileExistsError(f"{path} is not empty; pass --force to overwrite")
+                raise FileExistsError(f"{path} 不是空的，要覆盖请加 --force is not empty; pass --force to overwrite")
             continue
         problem = path_problem(path, fmt)
         if problem:
             raise UsageError(f"{path}: {problem}")
         if path.exists() and not force and os.path.realpath(path) not in allowed:
-            raise FileExistsError(f"{path} already exists; pass --force to overwrite it or --save another path")
+            raise FileExistsError(f"{path} 已存在，要覆盖请加 --force，或用 --save 换个路径 already exists; pass "
+                                  f"--force to overwrite it or --save another path")
 
 
 def _progress() -> Any:
@@ -204,7 +207,7 @@ def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[An
     def after_stage(b: Any, result: Any) -> None:
         if pretrained is not None and result.stage == "pretrain":
             saved = wf.save(b, pretrained, "pt")
-            _say(f"saved {saved.path} ({wf.human_size(saved.size_bytes)})", err=True)
+            _say(f"已保存 saved {saved.path} ({wf.human_size(saved.size_bytes)})", err=True)
 
     interrupted = False
     try:
@@ -215,23 +218,23 @@ def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[An
         if progress is not None:
             progress.close()
     if not bench.results:
-        _say("interrupted before any training step; nothing to save", err=True)
+        _say("在第一步训练之前就中断了，没有可保存的 interrupted before any training step; nothing to save", err=True)
         return EXIT_INTERRUPTED
     last = bench.results[-1]
     interrupted = interrupted or last.status == "interrupted"
     saved = [wf.save(bench, path, fmt) for path, fmt in targets]
     stages = "; ".join(f"{r.stage} {r.status} {r.steps}/{r.total_steps} steps, loss "
                        f"{'-' if r.train_loss is None else f'{r.train_loss:.4f}'}" for r in bench.results)
-    _say(f"trained: {stages}")
+    _say(f"已训练 trained: {stages}")
     for item in saved:
-        _say(f"saved {item.path} ({wf.human_size(item.size_bytes)})")
+        _say(f"已保存 saved {item.path} ({wf.human_size(item.size_bytes)})")
     if last.status == "diverged":
         _say(f"error: {last.message}", err=True)
         return EXIT_FAILURE
     if interrupted:
         pt = next((str(p) for p, f in targets if f == "pt"), None)
-        hint = f"; continue with: python main.py resume --model {pt}" if pt else ""
-        _say(f"interrupted at step {last.steps}/{last.total_steps} of {last.stage}{hint}", err=True)
+        hint = f"; 继续训练 continue with: python main.py resume --model {pt}" if pt else ""
+        _say(f"已中断 interrupted at step {last.steps}/{last.total_steps} of {last.stage}{hint}", err=True)
         return EXIT_INTERRUPTED
     return EXIT_OK
 
@@ -256,8 +259,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for note in notes:
         _say(note, err=True)
     bench = wf.start_new(corpus, config, seed=args.seed)
-    _say(f"model: {wf.human_count(bench.model.num_parameters())} parameters, vocabulary {bench.tokenizer.vocab_size}, "
-         f"data: {len(corpus.texts)} documents, {len(corpus.dialogues)} dialogues", err=True)
+    _say(f"模型 model: {wf.human_count(bench.model.num_parameters())} 参数 parameters, 词表 vocabulary "
+         f"{bench.tokenizer.vocab_size}, 数据 data: {len(corpus.texts)} 篇文本 documents, {len(corpus.dialogues)} "
+         f"段对话 dialogues", err=True)
     return _train_and_save(bench, plans, corpus, targets, pretrained)
 
 
@@ -277,7 +281,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     first = plans[0]
     where = (f"{first.stage} step {first.state.get('step')}/{first.state.get('scheduler', {}).get('total_steps')}"
              if first.state is not None else f"the start of {first.stage}")
-    _say(f"resuming {source} at {where}; stages: {', '.join(p.stage for p in plans)}", err=True)
+    _say(f"继续训练 resuming {source} at {where}; stages: {', '.join(p.stage for p in plans)}", err=True)
     return _train_and_save(bench, plans, corpus, targets)
 
 
@@ -302,7 +306,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+        raise UsageError("--prompt 是空的 is empty")
     loaded = wf.open_model(args.model)
     bench = wf.bench_from_loaded(loaded, args.model)
     if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
@@ -332,7 +336,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 for problem in problems:
                     _say(f"error: {problem}", err=True)
             else:
-                _say(f"note: the {name!r} command is only available on a terminal", err=True)
+                _say(f"note: {name} 命令只能在终端里用 the {name!r} command is only available on a terminal", err=True)
             continue
         stream_answer(session, message, _OneLine(sys.stdout), seed=args.seed)
         sys.stdout.write("\n")
@@ -371,7 +375,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import workflow as wf
 
     if not (args.json or args.pt or args.hf):
-        raise UsageError("say what to write: --json OUT, --pt OUT and/or --hf DIR")
+        raise UsageError("请说明要写出什么 say what to write: --json OUT, --pt OUT and/or --hf DIR")
     targets = []
     if args.pt:
         targets.append((wf.with_suffix(args.pt, "pt"), "pt"))
@@ -381,14 +385,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         targets.append((Path(args.hf).expanduser(), "hf"))
     source = os.path.realpath(Path(args.model).expanduser())
     if any(os.path.realpath(p) == source for p, _ in targets):
-        raise UsageError("the output would overwrite --model itself; choose another path")
+        raise UsageError("输出会覆盖 --model 本身，请换个路径 the output would overwrite --model itself; choose "
+                         "another path")
     _check_targets(targets, args.force)
     loaded = wf.open_model(args.model, device=None)
     bench = wf.bench_from_loaded(loaded, args.model)
     out = {fmt: path for path, fmt in targets}
     saved = wf.export(bench, pt_path=out.get("pt"), json_path=out.get("json"), hf_dir=out.get("hf"))
     for item in saved:
-        _say(f"saved {item.path} ({wf.human_size(item.size_bytes)})")
+        _say(f"已保存 saved {item.path} ({wf.human_size(item.size_bytes)})")
     return EXIT_OK
 
 
@@ -418,7 +423,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     infos = list_checkpoints(args.folders)
     if not infos:
-        _say(f"no saved models in {', '.join(args.folders)}")
+        _say(f"没有保存的模型 no saved models in {', '.join(args.folders)}")
         return EXIT_OK
     if sys.stdout.isatty():
         from .ui.views import checkpoint_table, make_console
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        _say("interrupted", err=True)
+        _say("已中断 interrupted", err=True)
         return EXIT_INTERRUPTED
     except UsageError as err:
         _say(f"{parser.prog} {args.command}: error: {_one_line(err)}", err=True)

@@ -65,7 +65,7 @@ def load_data(path: str | os.PathLike | None = None) -> "Corpus":
         return bundled_corpus()
     target = Path(path).expanduser()
     if not target.exists():
-        raise DataError(f"{target}: no such file or folder")
+        raise DataError(f"{target}: 找不到这个文件或文件夹 no such file or folder")
     return load_corpus(target.resolve())
 
 
@@ -77,10 +77,11 @@ def corpus_from_sources(sources: Sequence[str]) -> "Corpus":
     # A folder's listing also notes the files it skipped ("path (skipped: why)"): they held no data.
     sources = [str(s) for s in sources or [] if not str(s).endswith(")") or " (skipped: " not in str(s)]
     if not sources:
-        raise DataError("the checkpoint does not record which data it was trained on")
+        raise DataError("这个检查点没有记录训练数据 the checkpoint does not record which data it was trained on")
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
-        raise DataError(f"the training data {missing[0]} is no longer there; put it back or train on other data")
+        raise DataError(f"训练数据 {missing[0]} 已经不在了，请放回原处或换别的数据 the training data {missing[0]} is no "
+                        f"longer there; put it back or train on other data")
     corpus = Corpus()
     for source in sources:
         corpus = corpus.merged(load_corpus(Path(source)))
@@ -140,16 +141,16 @@ def plan_new(corpus: "Corpus", model_cfg: DIYConfig, *, pretrain_epochs: int | N
     has_data = {"pretrain": bool(corpus.texts), "chat": bool(corpus.dialogues)}
     for stage in STAGES:
         if wanted[stage] == 0:
-            notes.append(f"{STAGE_NAMES[stage]}: skipped (0 epochs)")
+            notes.append(f"{STAGE_NAMES[stage]}：跳过（0 轮）skipped (0 epochs)")
             continue
         if not has_data[stage]:
-            what = "no plain-text documents" if stage == "pretrain" else "no dialogues"
-            notes.append(f"{STAGE_NAMES[stage]}: skipped, the data has {what}")
+            zh, en = ("文本", "plain-text documents") if stage == "pretrain" else ("对话", "dialogues")
+            notes.append(f"{STAGE_NAMES[stage]}：跳过，数据里没有{zh} skipped, the data has no {en}")
             continue
         plans.append(StagePlan(stage, stage_config(stage, model_cfg, epochs=wanted[stage], lr=lr, seed=seed,
                                                    batch_size=batch_size, max_steps=max_steps)))
     if not plans:
-        raise TrainingError("nothing to train: " + "; ".join(notes))
+        raise TrainingError("没有可训练的阶段 nothing to train: " + "; ".join(notes))
     return plans, notes
 
 
@@ -229,7 +230,7 @@ def bench_from_loaded(loaded: "LoadedModel", path: str | os.PathLike | None = No
     from .checkpoint import CheckpointError
 
     if loaded.tokenizer is None:
-        raise CheckpointError(path or "model", "holds no tokenizer, so it cannot chat or train")
+        raise CheckpointError(path or "model", "没有词表，不能对话或训练 holds no tokenizer, so it cannot chat or train")
     meta = dict(loaded.metadata or {})
     state = loaded.train_state or None
     sources = meta.get("corpus_sources") or (state or {}).get("corpus_sources") or []
@@ -312,7 +313,7 @@ def resume_plans(state: dict) -> list[StagePlan]:
     from .train import TrainConfig
 
     if not is_resumable(state):
-        raise ValueError("this checkpoint has no unfinished training to resume")
+        raise ValueError("这个检查点没有未完成的训练 this checkpoint has no unfinished training to resume")
     plans = []
     if _stage_unfinished(state):
         plans.append(StagePlan(state["stage"], TrainConfig.from_dict(state["config"]), state=state))
@@ -328,7 +329,7 @@ def prepare_resume(loaded: "LoadedModel", path: str | os.PathLike | None = None
     """Everything an exact resume needs: the workbench, its corpus reloaded, and the stages to run."""
     state = loaded.train_state
     if not is_resumable(state):
-        raise ValueError(f"{path or 'this model'} holds no unfinished training to resume")
+        raise ValueError(f"{path or 'this model'}: 没有未完成的训练可以继续 holds no unfinished training to resume")
     plans = resume_plans(state)
     corpus = corpus_from_sources(state.get("corpus_sources") or [])
     return bench_from_loaded(loaded, path), corpus, plans
@@ -380,19 +381,19 @@ def path_problem(path: str | os.PathLike, fmt: str) -> str | None:
     here (the caller asks before overwriting it)."""
     text = str(path).strip()
     if not text:
-        return "please give a file name"
+        return "请给出文件名 please give a file name"
     target = Path(text).expanduser()
     if target.suffix.lower() not in ("." + fmt, ""):
-        return f"a {fmt} file should end in .{fmt}"
+        return f"{fmt} 文件应以 .{fmt} 结尾 a {fmt} file should end in .{fmt}"
     if target.is_dir():
-        return f"{target} is a folder; give a file name"
+        return f"{target} 是文件夹，请给出文件名 is a folder; give a file name"
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
-        return f"{parent} is a file, not a folder"
+        return f"{parent} 是文件，不是文件夹 is a file, not a folder"
     if not os.access(parent, os.W_OK):
-        return f"cannot write in {parent}"
+        return f"{parent} 不可写 cannot write in {parent}"
     return None
 
 
@@ -437,7 +438,7 @@ def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
     from .checkpoint import dir_size, save_model_binary
 
     if fmt not in ("pt", "json", "hf"):
-        raise ValueError(f"format must be pt, json or hf, got {fmt!r}")
+        raise ValueError(f"格式必须是 pt、json 或 hf format must be pt, json or hf (got {fmt!r})")
     target = Path(path).expanduser() if fmt == "hf" else with_suffix(path, fmt)
     if is_main_process():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -498,39 +499,46 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (CheckpointError, ConfigError, DataError, TrainingError, ValueError, OSError)
 
 
-def int_parser(low: int, high: int, what: str = "数值") -> Parser:
-    """Whole numbers from ``low`` to ``high``."""
+def int_parser(low: int, high: int, what: str = "") -> Parser:
+    """Whole numbers from ``low`` to ``high``. Refusals say why in Chinese and English, after
+    ``what`` (a label) when given; the question that asks adds its own name (``ui.prompts``)."""
     def parse(text: str) -> int:
         raw = text.strip()
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"{what}需要一个整数（whole number），而不是 {raw!r}") from None
+            raise ValueError(_labelled(what, f"需要一个整数 must be a whole number (got {raw!r})")) from None
         if value < low:
-            raise ValueError(f"{what}至少是 {low}（got {value}）")
+            raise ValueError(_labelled(what, f"至少是 {low} must be at least {low} (got {value})"))
         if value > high:
-            raise ValueError(f"{what}最多是 {high}（got {value}），这个值不合理")
+            raise ValueError(_labelled(what, f"最多是 {high}，这个值不合理 must be at most {high} (got {value})"))
         return value
     return parse
 
 
-def float_parser(low_exclusive: float, high: float, what: str = "数值", example: str = "0.0001") -> Parser:
-    """Finite numbers in ``(low_exclusive, high]``."""
+def float_parser(low_exclusive: float, high: float, what: str = "", example: str = "0.0001") -> Parser:
+    """Finite numbers in ``(low_exclusive, high]``; refusals as in :func:`int_parser`."""
     def parse(text: str) -> float:
         raw = text.strip()
         try:
             value = float(raw)
         except ValueError:
-            raise ValueError(f"{what}需要一个数字，例如 {example}（got {raw!r}）") from None
+            raise ValueError(_labelled(what, f"需要一个数字，例如 {example} must be a number such as {example} "
+                                             f"(got {raw!r})")) from None
         if not math.isfinite(value):
-            raise ValueError(f"{what}必须是有限的数字（got {raw}）")
+            raise ValueError(_labelled(what, f"必须是有限的数字 must be a finite number (got {raw})"))
         if value <= low_exclusive:
-            raise ValueError(f"{what}必须大于 {low_exclusive:g}（got {raw}）")
+            raise ValueError(_labelled(what, f"必须大于 {low_exclusive:g} must be greater than {low_exclusive:g} "
+                                             f"(got {raw})"))
         if value > high:
-            raise ValueError(f"{what} {raw} 太大了，最多 {high:g}")
+            raise ValueError(_labelled(what, f"最多是 {high:g}，{raw} 太大了 must be at most {high:g} (got {raw})"))
         return value
     return parse
 
 
+def _labelled(what: str, reason: str) -> str:
+    return f"{what.strip()}：{reason}" if what.strip() else reason
+
+
 #: Parses a learning rate typed on the command line or at a prompt.
-parse_lr = float_parser(0.0, MAX_LR, "学习率 learning rate ")
+parse_lr = float_parser(0.0, MAX_LR)

@@ -79,6 +79,22 @@ def test_usage_errors_exit_2(argv, capsys, tmp_path, monkeypatch):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, chinese, english", [
+    (["train", "--pretrain-epochs", "-3"], "至少是 0", "must be at least 0"),
+    (["train", "--layers", "two"], "整数", "whole number"),
+    (["train", "--lr", "fast"], "数字", "must be a number"),
+    (["chat", "--model", "x.pt", "--prompt", " "], "空", "empty"),
+    (["export", "--model", "x.pt"], "请说明", "say what to write"),
+])
+def test_usage_errors_are_bilingual_and_name_the_option(argv, chinese, english, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert chinese in line and english in line
+    option = next((a for a in argv if a.startswith("--") and a != "--model"), None)
+    assert option is None or option in line
+
+
 def test_train_writes_what_was_asked(trained, capsys):
     for name in ("m.pt", "m.json", "pre.pt"):
         assert (trained / name).is_file()

@@ -16,7 +16,7 @@ from diyapp.chat import Reply
 from diyapp.generation import GenerationConfig
 from diyapp.ui import chat_loop
 from diyapp.ui.app import App, _heads_parser
-from diyapp.ui.prompts import Option, Prompter, check, epochs_parser, int_parser
+from diyapp.ui.prompts import Option, Prompter, check, epochs_parser, int_parser, refusal
 from diyapp.workflow import parse_lr
 
 from .test_workflow import TINY, write_corpus
@@ -54,6 +54,30 @@ def test_epochs_refuses_nonsense(text):
 @pytest.mark.parametrize("text", ["abc", "0", "-0.001", "nan", "inf", "5", "0.5"])
 def test_learning_rate_refuses_nonsense(text):
     assert check(parse_lr, text) is not None
+
+
+@pytest.mark.parametrize("parser, text, chinese, english", [
+    (int_parser(1, 10), "abc", "整数", "whole number"), (int_parser(1, 10), "-3", "至少是 1", "at least 1"),
+    (int_parser(1, 10), "11", "最多是 10", "at most 10"), (parse_lr, "fast", "数字", "must be a number"),
+    (parse_lr, "nan", "有限", "finite"), (parse_lr, "0", "大于 0", "greater than 0"),
+    (parse_lr, "5", "最多是 0.1", "at most 0.1"),
+])
+def test_refusals_say_why_in_both_languages(parser, text, chinese, english):
+    problem = check(parser, text)
+    assert chinese in problem and english in problem
+
+
+@pytest.mark.parametrize("question, parser, text, good", [
+    ("预训练轮数 pretraining epochs", epochs_parser(), "-3", "8"),
+    ("对话微调轮数 chat-tuning epochs", epochs_parser(), "x", "8"),
+    ("学习率 learning rate", parse_lr, "fast", "0.001"), ("注意力头数 heads", _heads_parser(32), "3", "4"),
+])
+def test_a_refusal_names_the_question_it_belongs_to(question, parser, text, good):
+    problem = refusal(question, parser, text)
+    assert problem.startswith(question + "：") and problem.count(question) == 1
+    assert re.search(r"[\u4e00-\u9fff]", problem.split("：", 1)[1]) and re.search(r"[a-z]{4}", problem)
+    assert refusal(question, parser, "", default=good) is None
+    assert refusal(question, parser, "") is not None                   # nothing typed, no default
 
 
 def test_parsers_accept_sensible_values_and_defaults():

@@ -209,13 +209,13 @@ class App:
             return wf.model_config(size)
         base = DIYConfig(**PRESETS["default"])
         while True:
-            hidden = self.prompter.ask("宽度 hidden_size", int_parser(8, 8192, "宽度 hidden_size "),
+            hidden = self.prompter.ask("宽度 hidden_size", int_parser(8, 8192),
                                        default=base.hidden_size)
-            layers = self.prompter.ask("层数 layers", int_parser(1, 128, "层数 layers "), default=base.num_layers)
+            layers = self.prompter.ask("层数 layers", int_parser(1, 128), default=base.num_layers)
             heads = self.prompter.ask("注意力头数 heads", _heads_parser(hidden), default=_default_heads(hidden))
-            seq = self.prompter.ask("上下文长度 max_seq_len", int_parser(8, 32768, "上下文长度 max_seq_len "),
+            seq = self.prompter.ask("上下文长度 max_seq_len", int_parser(8, 32768),
                                     default=base.max_seq_len)
-            vocab = self.prompter.ask("词表大小 vocab_size", int_parser(259, 1_000_000, "词表大小 vocab_size "),
+            vocab = self.prompter.ask("词表大小 vocab_size", int_parser(259, 1_000_000),
                                       default=base.vocab_size)
             try:
                 return wf.model_config("custom", hidden_size=hidden, num_layers=layers, num_heads=heads,
@@ -356,14 +356,15 @@ def _default_heads(hidden: int) -> int:
 
 
 def _heads_parser(hidden: int) -> Callable[[str], int]:
-    base = int_parser(1, 1024, "注意力头数 heads ")
+    base = int_parser(1, 1024)
 
     def parse(text: str) -> int:
         heads = base(text)
         if hidden % heads:
-            raise ValueError(f"宽度 {hidden} 必须能被头数 {heads} 整除 (hidden_size must be divisible by heads)")
+            raise ValueError(f"宽度 {hidden} 必须能被头数 {heads} 整除 hidden_size {hidden} must be divisible by "
+                             f"{heads} heads")
         if (hidden // heads) % 2:
-            raise ValueError(f"每个头的宽度 {hidden}/{heads} 必须是偶数 (head size must be even)")
+            raise ValueError(f"每个头的宽度 {hidden}/{heads} 必须是偶数 the head size {hidden}/{heads} must be even")
         return heads
     return parse
 

@@ -24,7 +24,8 @@ CHAT_PROMPT = "👤 用户: "
 # --- parsers (pure, testable) ---------------------------------------------------------------------
 
 def epochs_parser() -> Parser:
-    return int_parser(1, MAX_EPOCHS, "训练轮数 epochs ")
+    """A number of training epochs (the question that asks names itself in a refusal)."""
+    return int_parser(1, MAX_EPOCHS)
 
 
 def check(parser: Parser, text: str, default: str = "") -> str | None:
@@ -34,6 +35,19 @@ def check(parser: Parser, text: str, default: str = "") -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+def refusal(question: str, parser: Parser, text: str, default: str = "") -> str | None:
+    """What is shown under ``question`` when ``text`` is refused (None when it is taken): the
+    parser's reason, in both languages, after the question's name, so each message says which
+    question it belongs to. Empty ``text`` takes ``default``; with no default it is refused."""
+    if not text.strip() and not default:
+        problem: str | None = "请输入一个值 please type a value"
+    else:
+        problem = check(parser, text, default)
+    if problem is None or problem.startswith(question):
+        return problem
+    return f"{question}：{problem}"
 
 
 # --- the questions --------------------------------------------------------------------------------
@@ -77,18 +91,15 @@ class Prompter:
         return bool(questionary.confirm(message, default=default, auto_enter=False, **self.io).unsafe_ask())
 
     def ask(self, message: str, parse: Parser, default: Any = None) -> Any:
-        """A typed answer parsed by ``parse``; refused answers show why and the question stays open.
-        Empty input takes ``default`` (shown in the question)."""
+        """A typed answer parsed by ``parse``; refused answers show why (:func:`refusal`) and the
+        question stays open. Empty input takes ``default`` (shown in the question)."""
         import questionary
 
         default_text = "" if default is None else str(default)
         label = f"{message}（默认 {default_text}）" if default_text else message
 
         def validate(text: str) -> bool | str:
-            if not text.strip() and not default_text:
-                return "请输入一个值（please type a value）"
-            problem = check(parse, text, default_text)
-            return True if problem is None else problem
+            return refusal(message, parse, text, default_text) or True
 
         text = questionary.text(label, validate=validate, **self.io).unsafe_ask()
         return parse(text if text.strip() else default_text)
