@@ -400,7 +400,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import describe_checkpoint
+    from .formats.catalog import describe_checkpoint
     from .workflow import human_size
 
     d = describe_checkpoint(Path(args.model).expanduser())
@@ -419,7 +419,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .checkpoint import list_checkpoints
+    from .formats.catalog import list_checkpoints
 
     infos = list_checkpoints(args.folders)
     if not infos:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .config import DIYConfig, preset
 
 if TYPE_CHECKING:
-    from .checkpoint import LoadedModel
+    from .formats.common import LoadedModel
     from .data import Corpus
     from .model import DIYForCausalLM
     from .tokenizer import DIYTokenizer
@@ -218,7 +218,7 @@ def start_new(corpus: "Corpus", model_cfg: DIYConfig, seed: int = 42) -> Workben
 def open_model(path: str | os.PathLike, device: str | None = "auto") -> "LoadedModel":
     """Load a ``.pt`` checkpoint, a JSON export or a Hugging Face export folder (by its content)
     onto ``device``: "auto" is the engine's choice (:func:`diyapp.device.pick_device`), None the CPU."""
-    from .checkpoint import load_checkpoint
+    from .formats.catalog import load_checkpoint
     from .device import pick_device
 
     target = pick_device() if device == "auto" else device
@@ -227,7 +227,7 @@ def open_model(path: str | os.PathLike, device: str | None = "auto") -> "LoadedM
 
 def bench_from_loaded(loaded: "LoadedModel", path: str | os.PathLike | None = None) -> Workbench:
     """A Workbench around a loaded model, keeping its training record."""
-    from .checkpoint import CheckpointError
+    from .formats.common import CheckpointError
 
     if loaded.tokenizer is None:
         raise CheckpointError(path or "model", "没有词表，不能对话或训练 holds no tokenizer, so it cannot chat or train")
@@ -401,7 +401,7 @@ def metadata_for(bench: Workbench, state: dict | None = None) -> dict[str, Any]:
     """The metadata stored with a saved model (stage, steps, losses, data, per-stage results).
     ``state`` is the training state saved alongside (``.pt`` only): ``resumable`` and
     ``next_stages`` summarise it so a listing can tell without loading the file."""
-    from .checkpoint import AUTOMATIC_KEYS, build_metadata
+    from .formats.common import AUTOMATIC_KEYS, build_metadata
 
     history = [[s, l] for s, l in bench.loss_history()] or bench.metadata.get("loss_history") or []
     stages = list(bench.metadata.get("stage_results") or [])
@@ -433,9 +433,9 @@ def info_resumable(info: Any) -> bool:
 
 def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
     """Write the model as ``fmt`` ("pt": binary with training state; "json": export; "hf": a Hugging
-    Face Llama folder). Folders are created; each write is atomic (checkpoint module). Every format
+    Face Llama folder). Folders are created; each write is atomic (diyapp.formats). Every format
     carries the same metadata. Only rank 0 writes under torchrun."""
-    from .checkpoint import dir_size, save_model_binary
+    from .formats.common import dir_size
 
     if fmt not in ("pt", "json", "hf"):
         raise ValueError(f"格式必须是 pt、json 或 hf format must be pt, json or hf (got {fmt!r})")
@@ -444,13 +444,14 @@ def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
         target.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "pt":
             state = train_state(bench)
+            from .formats.pt import save_model_binary
             save_model_binary(target, bench.model, bench.tokenizer, train_state=state,
                               metadata=metadata_for(bench, state))
         elif fmt == "json":
-            from .json_export import save_model_json
+            from .formats.json import save_model_json
             save_model_json(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
         else:
-            from .hf_export import export_hf
+            from .formats.hf import export_hf
             export_hf(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
     if not target.exists():
         size = 0
@@ -491,7 +492,7 @@ def human_count(n: int | None) -> str:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is fit to show a person as it is (anything else is a bug)."""
-    from .checkpoint import CheckpointError
+    from .formats.common import CheckpointError
     from .config import ConfigError
     from .data import DataError
     from .train import TrainingError

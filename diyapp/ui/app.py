@@ -28,7 +28,8 @@ def _preload() -> threading.Thread:
     """Import PyTorch and the engine in the background while the person reads the first menu."""
     def work() -> None:
         try:
-            from .. import chat, checkpoint, train  # noqa: F401
+            from .. import chat, train  # noqa: F401
+            from ..formats import catalog  # noqa: F401
             import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: ~1.5 s)
         except Exception:  # noqa: BLE001 - the real import later reports any problem properly
             pass
@@ -77,7 +78,7 @@ class App:
             return 1
 
     def _main(self) -> int:
-        from ..checkpoint import list_checkpoints
+        from ..formats.catalog import list_checkpoints
 
         while True:
             infos = list_checkpoints(wf.MODEL_FOLDERS)
@@ -312,7 +313,7 @@ class App:
         return saved
 
     def _save_one(self, bench: wf.Workbench, fmt: str, default: Path) -> wf.SavedFile:
-        from ..checkpoint import CheckpointError
+        from ..formats.common import CheckpointError
 
         while True:
             text = self.prompter.ask(f"保存到 save to ({fmt})", _save_path_parser(fmt), default=str(default))

@@ -1,0 +1,426 @@
+"""The core every file format shares: the error type, the loaded-model record, metadata, plain
+data, the tokenizer string, atomic writes and header checks.
+
+Each format (``pt``, ``json``, ``hf``, ``gguf``) imports only this module (and the model and
+tokenizer); none imports another. ``catalog`` is the one module that knows them all.
+This module does not import torch at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import DIYConfig
+    from ..model import DIYForCausalLM
+
+#: Longest loss history kept in metadata; longer ones are downsampled evenly (last point kept).
+MAX_LOSS_HISTORY = 200
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that cannot be read or written; the message starts with the path."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep it picklable despite the two-argument constructor
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class LoadedModel:
+    """What a loader returns. ``model`` is in eval mode (on CPU unless ``device`` was given).
+
+    ``missing_keys`` / ``unexpected_keys`` / ``mismatched_keys`` are only ever non-empty after a
+    ``strict=False`` load: they list the weights the model kept from its fresh initialisation,
+    the file's weights the model has no place for, and ``(name, shape in file, shape in model)``.
+    """
+
+    model: "DIYForCausalLM"
+    tokenizer: Any
+    config: "DIYConfig"
+    metadata: dict[str, Any]
+    train_state: Any = None
+    path: Path | None = None
+    format: str = "pt"
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+    mismatched_keys: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+def _app_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def count_parameters(model: Any) -> int:
+    """Distinct trainable parameters (a tied head counts once)."""
+    model = unwrap_model(model)
+    if hasattr(model, "num_parameters"):
+        return int(model.num_parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+def downsample_history(history: Iterable[Any] | None, limit: int = MAX_LOSS_HISTORY) -> list[Any]:
+    """At most ``limit`` evenly spaced points of a loss history; the first and last are kept."""
+    points = list(history or [])
+    if len(points) <= limit:
+        return points
+    if limit <= 1:
+        return points[-1:]
+    last = len(points) - 1
+    picks = sorted({round(i * last / (limit - 1)) for i in range(limit)})
+    return [points[i] for i in picks]
+
+
+#: The metadata fields every save fills in (the caller's values win where given).
+AUTOMATIC_KEYS = ("created_at", "parameters", "app_version", "stage", "steps", "train_loss", "val_loss",
+                  "loss_history")
+
+
+def _with_automatic(model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the automatic fields first, computed only where missing, and the loss history
+    downsampled to at most 200 points."""
+    out = {"created_at": meta["created_at"] if "created_at" in meta else _now_iso(),
+           "parameters": meta["parameters"] if "parameters" in meta else count_parameters(model),
+           "app_version": meta["app_version"] if "app_version" in meta else _app_version(),
+           "stage": None, "steps": None, "train_loss": None, "val_loss": None, **meta}
+    out["loss_history"] = downsample_history(meta.get("loss_history"))
+    return out
+
+
+def build_metadata(model: Any, *, stage: str | None = None, steps: int | None = None,
+                   train_loss: float | None = None, val_loss: float | None = None,
+                   loss_history: Iterable[Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata dict stored in every checkpoint and export.
+
+    ``created_at`` (ISO 8601 UTC), ``parameters``, ``app_version`` are filled in; ``loss_history``
+    (floats or ``[step, loss]`` pairs) is downsampled to at most 200 points. Extra keyword values
+    must be plain JSON data; non-finite floats become None.
+    """
+    meta = {"stage": stage, "steps": steps, "train_loss": train_loss, "val_loss": val_loss,
+            "loss_history": loss_history, **extra}
+    return plain_metadata(_with_automatic(model, meta))
+
+
+def plain_metadata(value: Any, where: str = "metadata") -> Any:
+    """``value`` as plain JSON data: tuples become lists, numpy/torch scalars Python numbers and
+    non-finite floats None. Anything else raises TypeError naming where it sits."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} keys must be strings, got {k!r}")
+            out[str(k)] = plain_metadata(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [plain_metadata(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return plain_metadata(item(), where)
+    raise TypeError(f"{where} is a {type(value).__name__}; metadata must be plain JSON data")
+
+
+def fill_metadata(path: str | os.PathLike, model: Any, metadata: dict[str, Any] | None,
+                  train_state: Any = None) -> dict[str, Any]:
+    """The caller's metadata with the automatic fields added where missing."""
+    meta = dict(metadata or {})
+    if isinstance(train_state, dict):  # what a Trainer state knows, unless the caller said otherwise
+        for meta_key, state_key in (("stage", "stage"), ("steps", "step"), ("train_loss", "last_loss"),
+                                    ("val_loss", "last_val_loss"), ("loss_history", "loss_history")):
+            if meta.get(meta_key) is None and train_state.get(state_key) is not None:
+                meta[meta_key] = train_state[state_key]
+    try:
+        return plain_metadata(_with_automatic(model, meta))
+    except TypeError as exc:
+        raise CheckpointError(path, f"cannot save: {exc}") from None
+
+
+# --- plain data ----------------------------------------------------------------------------------
+
+def unwrap_model(model: Any) -> Any:
+    """The DIY model inside a ``torch.compile`` or DistributedDataParallel wrapper."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or (
+            getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel", "DataParallel")
+            else None)
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def _own_tensor(t: Any) -> Any:
+    """A detached CPU tensor that does not drag a larger storage along."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """``model.state_dict()`` as detached CPU tensors; tied weights stay one shared tensor."""
+    seen: dict[tuple, Any] = {}
+    out: dict[str, Any] = {}
+    for name, t in unwrap_model(model).state_dict().items():
+        key = (t.device, t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key not in seen:
+            seen[key] = _own_tensor(t)
+        out[name] = seen[key]
+    return out
+
+
+def plain_state(path: str | os.PathLike, value: Any, where: str = "train_state") -> Any:
+    """A copy of ``value`` made only of dict, list, tuple, None, bool, int, float, str and CPU
+    tensors (what ``torch.load(weights_only=True)`` reads back). Anything else raises
+    CheckpointError naming where it sits."""
+    import torch
+
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _own_tensor(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, dict):
+        return {plain_state(path, k, f"{where} key"): plain_state(path, v, f"{where}[{k!r}]")
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_state(path, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(plain_state(path, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return plain_state(path, value.item(), where)
+    raise CheckpointError(path, f"cannot save: {where} is a {type(value).__module__}.{type(value).__name__}; "
+                                "training state must be plain data (dict, list, tuple, number, string, "
+                                "None, tensor)")
+
+
+def tokenizer_string(path: str | os.PathLike, tokenizer: Any, vocab_size: int) -> str | None:
+    """The tokenizer as its JSON string (None for no tokenizer), checked against the model."""
+    if tokenizer is None:
+        return None
+    text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > vocab_size:
+        raise CheckpointError(path, f"cannot save: the tokenizer has {size} tokens but the model only "
+                                    f"{vocab_size} embeddings; they do not belong together")
+    return text
+
+
+def load_tokenizer(path: str | os.PathLike, text: str | None) -> Any:
+    if text is None:
+        return None
+    from ..tokenizer import DIYTokenizer
+
+    try:
+        return DIYTokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises its own exception types
+        raise CheckpointError(path, f"the stored tokenizer cannot be read: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Write ``path`` all or nothing: a temporary file in the same folder (named
+    ``.<name>.<random>.tmp``), flushed and fsynced, then ``os.replace``-d over the target.
+    OS errors become CheckpointError; on any error the temporary file is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot write here: {exc.strerror or exc}") from None
+    try:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            mode = 0o644
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CheckpointError(path, f"could not write: {exc.strerror or exc}") from None
+        raise
+    _fsync_dir(path.parent)
+
+
+# --- reading helpers ----------------------------------------------------------------------------
+
+def stat_file(path: Path) -> os.stat_result:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(path, "not found: no such file") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+    if path.is_dir():
+        hint = " (a Hugging Face export folder; use load_model_hf)" if (path / "config.json").exists() else ""
+        raise CheckpointError(path, f"is a folder, not a checkpoint file{hint}")
+    if st.st_size == 0:
+        raise CheckpointError(path, "is empty (0 bytes): the save never completed; use another checkpoint")
+    return st
+
+
+def read_head(path: Path, n: int = 8) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+
+
+
+def check_format_header(path: Path, obj: Any, fmt: str, max_version: int, kind: str) -> dict[str, Any]:
+    """Check a file's format marker, version and its config/metadata entries; returns ``obj``.
+
+    Shared by the ``.pt`` and JSON readers so both refuse foreign, newer and damaged files alike.
+    """
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        if kind == "JSON export":
+            raise CheckpointError(path, f"is not a diyapp JSON export (no \"format\": \"{fmt}\" marker)")
+        what = "a bare state dict" if isinstance(obj, dict) and obj and all(
+            isinstance(k, str) and "." in k for k in obj) else f"a {type(obj).__name__}"
+        raise CheckpointError(path, f"is not a diyapp checkpoint (a PyTorch file holding {what}, without "
+                                    f"diyapp's format marker)")
+    version = obj.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(path, f"has an invalid format version {version!r}")
+    if version > max_version:
+        raise CheckpointError(path, f"was written by a newer diyapp ({kind} format version {version}; this "
+                                    f"version reads up to {max_version}); upgrade diyapp to load it")
+    for key in ("config", "metadata"):
+        if not isinstance(obj.get(key), dict):
+            raise CheckpointError(path, f"is damaged: its {key!r} entry is missing or not a mapping")
+    return obj
+
+
+
+def build_loaded(path: Path, fmt: str, config_dict: Any, metadata: dict[str, Any], tokenizer_text: str | None,
+                 state: dict[str, Any], train_state: Any, *, device: Any = None, strict: bool = True,
+                 tokenizer: Any = None) -> LoadedModel:
+    """Rebuild the model from a stored config and weights (shared by every loader)."""
+    import torch
+
+    from ..config import ConfigError, DIYConfig
+    from ..model import DIYForCausalLM
+
+    try:
+        config = DIYConfig.from_dict(config_dict)
+    except ConfigError as exc:
+        raise CheckpointError(path, f"its stored model config is invalid: {exc}") from None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, tokenizer_text)
+    size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and size > config.vocab_size:
+        raise CheckpointError(path, f"is inconsistent: its tokenizer has {size} tokens but the model "
+                                    f"{config.vocab_size} embeddings")
+    model = DIYForCausalLM(config)
+    expected = model.state_dict()
+    if config.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = []
+    for name, t in state.items():
+        if name in expected:
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointError(path, f"is damaged: weight {name} is a {type(t).__name__}, not a tensor")
+            if tuple(t.shape) != tuple(expected[name].shape):
+                mismatched.append((name, tuple(t.shape), tuple(expected[name].shape)))
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if mismatched:
+            name, got, want = mismatched[0]
+            more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+            parts.append(f"shape mismatch: {name} is {list(got)} in the file but the stored config needs "
+                         f"{list(want)}{more}")
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+        raise CheckpointError(path, "weights do not fit the stored config: " + "; ".join(parts)
+                              + " (strict=False loads what matches)")
+    bad = {m[0] for m in mismatched}
+    usable = {k: v for k, v in state.items() if k in expected and k not in bad}
+    with torch.no_grad():
+        model.load_state_dict(usable, strict=False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, config=config, metadata=dict(metadata),
+                       train_state=train_state, path=path, format=fmt, missing_keys=missing,
+                       unexpected_keys=unexpected, mismatched_keys=mismatched)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes in the files directly inside ``path`` (a model folder is flat)."""
+    total = 0
+    for entry in os.scandir(path):
+        with contextlib.suppress(OSError):
+            if entry.is_file():
+                total += entry.stat().st_size
+    return total
+
