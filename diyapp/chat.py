@@ -4,6 +4,8 @@ question/answer hit rate used to judge training. No UI here; the app and the CLI
 from __future__ import annotations
 
 import time
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,11 +28,22 @@ class Reply:
     seconds: float
     dropped_turns: int = 0
     truncated_prompt: bool = False
-    finished: bool = True
+    stop: str = "end"  #: "end" (the model ended its turn), "limit" (token limit) or "loop" (stuck repeating)
+
+    @property
+    def finished(self) -> bool:
+        """The model ended the answer itself."""
+        return self.stop == "end"
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def answer_budget(settings: GenerationConfig, max_seq_len: int) -> int:
+    """Tokens of the context kept free for the answer: ``max_new_tokens``, at most half the
+    context and at least :data:`MIN_ANSWER_TOKENS`."""
+    return max(MIN_ANSWER_TOKENS, min(settings.max_new_tokens, max_seq_len // 2))
 
 
 def build_prompt(tokenizer: DIYTokenizer, history: Sequence[dict], message: str, max_seq_len: int,
@@ -83,7 +96,7 @@ class ChatSession:
         generation propagates after the partial answer was streamed, leaving the history unchanged.
         """
         max_len = self.model.config.max_seq_len
-        budget = max(MIN_ANSWER_TOKENS, min(self.settings.max_new_tokens, max_len // 2))
+        budget = answer_budget(self.settings, max_len)
         ids, dropped, truncated = build_prompt(self.tokenizer, self.history, message, max_len, budget)
         max_new = min(self.settings.max_new_tokens, max_len - len(ids))
         decoder = self.tokenizer.stream_decoder()
@@ -102,50 +115,85 @@ class ChatSession:
         started = time.perf_counter()
         out = generate(self.model, ids, max_new, temperature=self.settings.temperature, top_k=self.settings.top_k,
                        top_p=self.settings.top_p, repetition_penalty=self.settings.repetition_penalty,
-                       eos_token_id=self.tokenizer.im_end_id, seed=seed, on_token=take)
+                       eos_token_id=self.tokenizer.im_end_id, seed=seed, on_token=take,
+                       guard=self.tokenizer.utf8_guard(self.model.config.vocab_size), stop_loops=True)
         seconds = time.perf_counter() - started
-        tail = decoder.flush()
+        tail = decoder.flush(drop_partial=True)  # only a reply cut at its limit can end mid-character
         if tail:
             pieces.append(tail)
             if on_text is not None:
                 on_text(tail)
         finished = int(out[0, -1]) == self.tokenizer.im_end_id
+        stop = "end" if finished else "limit" if count >= max_new else "loop"
         text = "".join(pieces).strip()
         if dropped:
             self.history = self.history[dropped:]
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
         return Reply(text=text, tokens=count + (1 if finished else 0), seconds=seconds,
-                     dropped_turns=dropped // 2, truncated_prompt=truncated, finished=finished)
+                     dropped_turns=dropped // 2, truncated_prompt=truncated, stop=stop)
 
 
 @dataclass
 class AnswerReport:
-    """How many questions got exactly their trained answer under greedy decoding."""
+    """How many questions got exactly their trained answer under greedy decoding, and how many
+    got one close to it (character F1 of at least ``f1_threshold``, punctuation ignored)."""
 
     hits: int
     total: int
     misses: list[tuple[str, str, str]] = field(default_factory=list)
+    close: int = 0
+    f1_threshold: float = 0.8
 
     @property
     def rate(self) -> float:
         return self.hits / self.total if self.total else 0.0
+
+    @property
+    def close_rate(self) -> float:
+        return self.close / self.total if self.total else 0.0
 
 
 def _normalise(text: str) -> str:
     return "".join(text.split())
 
 
+def letters_only(text: str) -> str:
+    """``text`` without punctuation, symbols and whitespace."""
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c)[0] not in "PSZC")
+
+
+def char_f1(got: str, expected: str) -> float:
+    """F1 of the characters of ``got`` against ``expected`` (as multisets), punctuation and
+    whitespace ignored: 1.0 for the same characters, 0.0 for none in common."""
+    a, b = Counter(letters_only(got)), Counter(letters_only(expected))
+    common = sum((a & b).values())
+    if not common:
+        return 1.0 if not a and not b else 0.0
+    precision, recall = common / sum(a.values()), common / sum(b.values())
+    return 2 * precision * recall / (precision + recall)
+
+
 @torch.inference_mode()
 def answer_hit_rate(model: DIYForCausalLM, tokenizer: DIYTokenizer, pairs: Sequence[tuple[str, str]],
-                    batch_size: int = 64) -> AnswerReport:
-    """Greedy single-turn answers to each question compared with the expected answer (whitespace
-    ignored). Questions whose prompts have the same length are decoded together in one batch."""
+                    batch_size: int = 64, histories: Sequence[Sequence[dict]] | None = None,
+                    f1_threshold: float = 0.8) -> AnswerReport:
+    """Greedy answers to each question compared with the expected answer: exact (whitespace
+    ignored) and close (:func:`char_f1` at least ``f1_threshold``).
+
+    ``histories[i]``, when given, are earlier messages of question i's conversation; its prompt
+    is then built as the chat builds it (:func:`build_prompt`, the same answer budget), so the
+    oldest exchanges are dropped when the context is full. Prompts of the same length are
+    decoded together in one batch.
+    """
     max_len = model.config.max_seq_len
+    budget = answer_budget(GenerationConfig(), max_len)
     by_length: dict[int, list[tuple[list[int], str, str]]] = {}
-    for question, answer in pairs:
-        ids, _ = tokenizer.encode_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+    for i, (question, answer) in enumerate(pairs):
+        history = histories[i] if histories is not None else ()
+        ids, _, _ = build_prompt(tokenizer, history, question, max_len, budget)
         by_length.setdefault(len(ids), []).append((ids, question, answer))
-    hits, total, misses = 0, 0, []
+    guard = tokenizer.utf8_guard(model.config.vocab_size)
+    hits, close, total, misses = 0, 0, 0, []
     for length, items in sorted(by_length.items()):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -154,14 +202,17 @@ def answer_hit_rate(model: DIYForCausalLM, tokenizer: DIYTokenizer, pairs: Seque
                 misses += [(q, a, "") for _, q, a in chunk]
                 continue
             prompt = torch.tensor([ids for ids, _, _ in chunk])
-            out = generate(model, prompt, max_len - length, temperature=0.0, eos_token_id=tokenizer.im_end_id)
+            out = generate(model, prompt, max_len - length, temperature=0.0, eos_token_id=tokenizer.im_end_id,
+                           guard=guard, stop_loops=True)
             for row, (_, question, answer) in zip(out[:, length:].tolist(), chunk):
                 if tokenizer.im_end_id in row:
                     row = row[:row.index(tokenizer.im_end_id)]
                 got = tokenizer.decode(row).strip()
                 total += 1
+                if char_f1(got, answer) >= f1_threshold:
+                    close += 1
                 if _normalise(got) == _normalise(answer):
                     hits += 1
                 else:
                     misses.append((question, answer, got))
-    return AnswerReport(hits, total, misses)
+    return AnswerReport(hits, total, misses, close, f1_threshold)

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 # Tokenizer training uses a thread pool; after that, every fork() (pexpect, subprocess) makes the
 # Rust library print a warning on the child's stderr. Deciding up front silences it; an explicit
@@ -30,6 +31,9 @@ from functools import lru_cache
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+if TYPE_CHECKING:
+    from .generation import Utf8Guard
 
 __all__ = ["SPECIAL_TOKENS", "CHAT_ROLES", "CHAT_TEMPLATE", "DIYTokenizer", "StreamDecoder", "clean_text"]
 
@@ -129,9 +133,11 @@ class StreamDecoder:
         """How many bytes are held back waiting for the rest of a character (0 to 3)."""
         return len(self._decoder.getstate()[0])
 
-    def flush(self) -> str:
-        """The remaining text; the decoder is then empty and can be reused."""
-        out = self._decoder.decode(b"", final=True)
+    def flush(self, drop_partial: bool = False) -> str:
+        """The remaining text; the decoder is then empty and can be reused. ``drop_partial``
+        drops a dangling partial character instead of returning U+FFFD for it (a reply cut off
+        at its token limit in the middle of a character)."""
+        out = "" if drop_partial else self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return out
 
@@ -277,6 +283,17 @@ class DIYTokenizer:
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """A fresh :class:`StreamDecoder` for incremental output while generating."""
         return StreamDecoder(self._id_bytes, self._special_ids, skip_special_tokens)
+
+    def utf8_guard(self, width: int | None = None) -> "Utf8Guard":
+        """The :class:`~diyapp.generation.Utf8Guard` of this vocabulary, for a model with
+        ``width`` output rows (at least the vocabulary); built once per width, then cached."""
+        from .generation import Utf8Guard  # torch is imported only when generating
+
+        width = max(width or 0, self.vocab_size)
+        cache = self.__dict__.setdefault("_guards", {})
+        if width not in cache:
+            cache[width] = Utf8Guard(self._id_bytes, self._special_ids, width)
+        return cache[width]
 
     # --- chat -----------------------------------------------------------------------------------
 

@@ -168,10 +168,19 @@ def default_stage_config(stage: str, model_config: DIYConfig | None = None) -> T
 
 @dataclass
 class _Examples:
-    """Tokenised rows: ids and, for chat, the loss mask (1 where the target counts)."""
+    """Tokenised pieces: ids and, for chat, the loss mask (1 where the target counts). A training
+    row is one piece (pretraining) or several pieces in sequence (chat: see :func:`compose_rows`)."""
 
     ids: list[list[int]]
     masks: list[list[int]] | None
+    #: chat: pieces are whole dialogues and rows join several of them, up to this many tokens
+    row_tokens: int | None = None
+
+    def layout(self, seed: int, epoch: int) -> list[list[int]]:
+        """The rows of one epoch, each a list of piece indices (a function of seed and epoch)."""
+        if self.row_tokens is None:
+            return [[i] for i in range(len(self.ids))]
+        return compose_rows([len(r) for r in self.ids], self.row_tokens, seed, epoch)
 
 
 def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -195,8 +204,8 @@ def pack_texts(tokenizer: DIYTokenizer, texts: list[str], max_seq_len: int) -> _
 
 
 def encode_dialogues(tokenizer: DIYTokenizer, dialogues: list[list[dict]], max_seq_len: int) -> _Examples:
-    """One row per dialogue with its assistant mask; rows are cut at ``max_seq_len`` and a row
-    left with no assistant token is dropped."""
+    """Each dialogue with its assistant mask, cut at ``max_seq_len``; one left with no assistant
+    token is dropped. Training rows then join several dialogues in sequence (:func:`compose_rows`)."""
     ids, masks = [], []
     for dialogue in dialogues:
         row, mask = tokenizer.encode_chat(dialogue)
@@ -204,7 +213,32 @@ def encode_dialogues(tokenizer: DIYTokenizer, dialogues: list[list[dict]], max_s
         if any(mask[1:]):
             ids.append(row)
             masks.append(mask)
-    return _Examples(ids, masks)
+    return _Examples(ids, masks, row_tokens=max_seq_len)
+
+
+def compose_rows(lengths: list[int], row_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Chat rows as conversations: the dialogues in a shuffled order (a function of seed and
+    epoch), each row taking the next whole dialogues while they fit in ``row_tokens`` tokens.
+
+    The chat carries earlier exchanges in its prompt, dropping the oldest whole exchanges when
+    the context is full (:func:`diyapp.chat.build_prompt`); rows built this way train every
+    answer after 0, 1, 2 ... unrelated earlier exchanges, always starting at an exchange
+    boundary, with the loss on every assistant turn. Each dialogue is in exactly one row per
+    epoch, in a different company each epoch; rows are nearly full, so little is padding.
+    """
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 7_919 + epoch)).tolist()
+    rows: list[list[int]] = []
+    row: list[int] = []
+    used = 0
+    for i in order:
+        if row and used + lengths[i] > row_tokens:
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += lengths[i]
+    if row:
+        rows.append(row)
+    return rows
 
 
 def stage_examples(tokenizer: DIYTokenizer, corpus: Corpus, stage: str, max_seq_len: int,
@@ -233,17 +267,20 @@ def _epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in shuffle]
 
 
-def _collate(examples: _Examples, rows: list[int], pad_id: int, device: torch.device
+def _collate(examples: _Examples, rows: list[list[int]], pad_id: int, device: torch.device
              ) -> tuple[Tensor, Tensor, Tensor | None, int]:
-    """Right-padded ``(ids, lengths, loss_mask, target_count)`` for the given row indices."""
-    width = max(len(examples.ids[i]) for i in rows)
+    """Right-padded ``(ids, lengths, loss_mask, target_count)`` for rows of piece indices (the
+    pieces of a row joined in order)."""
+    joined = [[t for i in row for t in examples.ids[i]] for row in rows]
+    width = max(len(r) for r in joined)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    lengths = torch.tensor([len(examples.ids[i]) for i in rows], dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in joined], dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long) if examples.masks is not None else None
-    for r, i in enumerate(rows):
-        ids[r, :len(examples.ids[i])] = torch.tensor(examples.ids[i])
+    for r, row in enumerate(joined):
+        ids[r, :len(row)] = torch.tensor(row)
         if mask is not None:
-            mask[r, :len(examples.masks[i])] = torch.tensor(examples.masks[i])
+            m = [t for i in rows[r] for t in examples.masks[i]]
+            mask[r, :len(m)] = torch.tensor(m)
     count = int((lengths - 1).clamp(min=0).sum()) if mask is None else int(mask[:, 1:].sum())
     return (ids.to(device), lengths.to(device), None if mask is None else mask.to(device), count)
 
@@ -341,12 +378,19 @@ class Trainer:
         if not self.train_rows.ids:
             what = "text documents" if stage == "pretrain" else "dialogues with an assistant answer"
             raise TrainingError(f"no training data for the {stage} stage: the corpus has no {what}")
-        if len(self.train_rows.ids) < self.world:
-            raise TrainingError(f"{len(self.train_rows.ids)} training rows cannot feed {self.world} processes")
-        self._lengths = [len(r) for r in self.train_rows.ids]
-        batches = math.ceil(len(self._lengths) / self.config.batch_size)
-        self.steps_per_epoch = math.ceil(batches / self.config.grad_accum)
-        total = self.steps_per_epoch * self.config.epochs
+        if len(self.train_rows.layout(self.config.seed, 0)) < self.world:
+            raise TrainingError(f"{len(self.train_rows.layout(self.config.seed, 0))} training rows cannot feed "
+                                f"{self.world} processes")
+        self._layout_cache: tuple[int, list[list[int]]] | None = None
+        self.steps_per_epoch = self._epoch_steps(0)
+        if self.train_rows.row_tokens is None:  # the same rows every epoch
+            total = self.steps_per_epoch * self.config.epochs
+        else:  # rows are composed anew each epoch, so their number varies a little
+            total = 0
+            for epoch in range(self.config.epochs):
+                total += self._epoch_steps(epoch)
+                if self.config.max_steps and total >= self.config.max_steps:
+                    break
         self.total_steps = min(total, self.config.max_steps) if self.config.max_steps else total
         self.warmup = self.config.warmup_steps if self.config.warmup_steps is not None \
             else max(1, round(0.05 * self.total_steps))
@@ -365,6 +409,16 @@ class Trainer:
         self.last_val: float | None = None
         self.loss_history: list[tuple[int, float]] = []
         self._stop = False
+
+    def _layout(self, epoch: int) -> list[list[int]]:
+        """The training rows of ``epoch`` (lists of piece indices); the last one is kept."""
+        if self._layout_cache is None or self._layout_cache[0] != epoch:
+            self._layout_cache = (epoch, self.train_rows.layout(self.config.seed, epoch))
+        return self._layout_cache[1]
+
+    def _epoch_steps(self, epoch: int) -> int:
+        batches = math.ceil(len(self._layout(epoch)) / self.config.batch_size)
+        return math.ceil(batches / self.config.grad_accum)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -412,8 +466,9 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for start in range(0, len(self.val_rows.ids), self.config.batch_size):
-            rows = list(range(start, min(start + self.config.batch_size, len(self.val_rows.ids))))
+        layout = self.val_rows.layout(self.config.seed, 0)
+        for start in range(0, len(layout), self.config.batch_size):
+            rows = layout[start:start + self.config.batch_size]
             ids, lengths, mask, n = _collate(self.val_rows, rows, self.tokenizer.pad_token_id, self.device)
             if n == 0:
                 continue
@@ -426,18 +481,22 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def _micro_batches(self) -> Iterator[tuple[int, list[list[int]]]]:
+    def _micro_batches(self) -> Iterator[tuple[int, list[list[list[int]]]]]:
         """(epoch, micro-batches of one optimizer step), from the saved position onwards."""
         accum = self.config.grad_accum
+        pieces = self.train_rows.ids
         while self.epoch < self.config.epochs:
-            batches = _epoch_batches(self._lengths, self.config.batch_size, self.config.seed, self.epoch)
+            layout = self._layout(self.epoch)
+            lengths = [sum(len(pieces[i]) for i in row) for row in layout]
+            batches = _epoch_batches(lengths, self.config.batch_size, self.config.seed, self.epoch)
             while self.batch_in_epoch < len(batches):
-                group = batches[self.batch_in_epoch:self.batch_in_epoch + accum]
+                group = [[layout[j] for j in batch]
+                         for batch in batches[self.batch_in_epoch:self.batch_in_epoch + accum]]
                 yield self.epoch, group
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def _step(self, group: list[list[int]]) -> tuple[float, int] | None:
+    def _step(self, group: list[list[list[int]]]) -> tuple[float, int] | None:
         """One optimizer step over ``group``; returns (loss, tokens) or None if the loss was not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
@@ -503,8 +562,8 @@ class Trainer:
         status, message = "completed", ""
         eval_every = self.config.eval_every or self.steps_per_epoch
         with self._sigint_stops():
-            self._emit("start", message=f"{len(self.train_rows.ids)} training rows, "
-                                        f"{len(self.val_rows.ids)} validation rows, "
+            self._emit("start", message=f"{len(self._layout(self.epoch))} training rows, "
+                                        f"{len(self.val_rows.layout(self.config.seed, 0))} validation rows, "
                                         f"precision {precision_name(self.amp_dtype)}")
             for epoch, group in self._micro_batches():
                 if self.step >= self.total_steps:

@@ -111,8 +111,10 @@ def reply_stats(reply: "Reply") -> str:
         parts.append(f"上下文已满，丢弃了最早的 {reply.dropped_turns} 轮对话 (oldest turns dropped)")
     if reply.truncated_prompt:
         parts.append("消息太长，只保留了结尾 (message cut to fit)")
-    if not reply.finished:
+    if reply.stop == "limit":
         parts.append("达到长度上限 (length limit)")
+    elif reply.stop == "loop":
+        parts.append("回答陷入重复，已停止 (stopped: the answer was repeating itself)")
     return " · ".join(parts)
 
 
