@@ -91,9 +91,7 @@ class Attention(nn.Module):
             key_pos = torch.arange(cache_pos + length, device=x.device)
             query_pos = torch.arange(cache_pos, cache_pos + length, device=x.device)
             mask = key_pos[None, :] <= query_pos[:, None]
-        y = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.config.dropout if self.training else 0.0)
+        y = kernels.attention(q, k, v, mask, is_causal, dropout_p=self.config.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, nh * self.head_dim))
 
 
@@ -126,8 +124,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
                 cache: dict[str, Tensor] | None = None, cache_pos: int = 0) -> Tensor:
-        x = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_pos))
-        return x + self._drop(self.mlp(self.post_attention_layernorm(x)))
+        # Under autocast the branches come out in bf16 while the residual stream stays float32; a
+        # mixed-dtype add runs about ten times slower on a CPU than converting first.
+        x = x + self._drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_pos)).to(x.dtype)
+        return x + self._drop(self.mlp(self.post_attention_layernorm(x))).to(x.dtype)
 
 
 def _valid_lengths(input_ids: Tensor, attention_mask: Tensor | None, seq_lengths: Tensor | None) -> Tensor | None:

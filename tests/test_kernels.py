@@ -19,6 +19,10 @@ def _grads(fn, inputs, grad_out_seed=0):
     return [o.detach() for o in outs], [x.grad for x in inputs]
 
 
+def _relative_error(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def _close(a, b, atol, rtol):
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape
@@ -58,3 +62,36 @@ def test_swiglu_matches_reference(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     _close(got, ref, tol, tol)
     _close(got_grads, ref_grads, tol, tol)
+
+
+def test_causal_attention_kernel_matches_sdpa_in_bf16():
+    """The bf16 CPU training path of kernels.attention (its own kernel) against PyTorch's SDPA in float32."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=gen).to(torch.bfloat16) for _ in range(3))
+    got, got_grads = _grads(lambda q, k, v: kernels.attention(q, k, v, is_causal=True), [q, k, v])
+    assert got[0].dtype == torch.bfloat16
+    ref, ref_grads = _grads(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True), [q.float(), k.float(), v.float()])
+    for g, r in zip([*got, *got_grads], [*ref, *ref_grads]):
+        assert _relative_error(g, r) < 1e-2
+
+
+@pytest.mark.parametrize("block_rows", [7, 1000])
+def test_linear_cross_entropy_under_bf16_autocast_matches_reference(block_rows):
+    """The autocast path (bf16 products and softmax) against the float32 reference: loss to 1e-2,
+    gradients to bf16 precision, returned in the inputs' dtypes."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(50, 16, generator=gen)
+    weight = torch.randn(40, 16, generator=gen)
+    targets = torch.randint(0, 40, (50,), generator=gen)
+
+    def fused(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return kernels.linear_cross_entropy(h, w, targets, block_rows=block_rows)
+
+    got, got_grads = _grads(fused, [hidden, weight])
+    ref, ref_grads = _grads(lambda h, w: kernels.linear_cross_entropy_reference(h, w, targets), [hidden, weight])
+    assert got[0].dtype == torch.float32 and [g.dtype for g in got_grads] == [torch.float32] * 2
+    _close(got, ref, 1e-2, 1e-2)
+    for g, r in zip(got_grads, ref_grads):
+        assert _relative_error(g, r) < 1e-2
