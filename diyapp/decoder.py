@@ -41,15 +41,22 @@ class Decoder:
         self.eps = config.hidden_size * config.rms_norm_eps
         root = math.sqrt(config.hidden_size)
 
+        # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm), and (out, in) in
+        # a lower precision (read fastest by torch.mv / F.linear).
+        low = weight_dtype != model.lm_head.weight.dtype
+
+        def store(weight: Tensor) -> Tensor:
+            return weight.to(weight_dtype).contiguous() if low else weight.t().contiguous()
+
         def fold(norm: nn.Module, linear: nn.Linear) -> Tensor:
-            return (linear.weight * (norm.weight * root)).t().to(weight_dtype).contiguous()
+            return store(linear.weight * (norm.weight * root))
 
         with torch.no_grad():
             self.embed = model.model.embed_tokens.weight.detach()
             self.layers = [(fold(layer.input_layernorm, layer.self_attn.qkv_proj),
-                            layer.self_attn.o_proj.weight.t().to(weight_dtype).contiguous(),
+                            store(layer.self_attn.o_proj.weight),
                             fold(layer.post_attention_layernorm, layer.mlp.gate_up_proj),
-                            layer.mlp.down_proj.weight.t().to(weight_dtype).contiguous())
+                            store(layer.mlp.down_proj.weight))
                            for layer in model.model.layers]
             self.head = fold(model.model.norm, model.lm_head)
             # x @ rotation[p] == x * cos[p] + rotate_half(x) * sin[p]
@@ -70,7 +77,7 @@ class Decoder:
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = F.embedding(input_ids[:, -1], self.embed)
-        mm, add_mm = self._products(x.dtype)
+        mm, add_mm = self._products(x.dtype, batch)
         for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
             qkv = mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t).view(batch, -1, head_dim)
             qk = torch.matmul(qkv[:, :nh + nkv], rotation)
@@ -86,7 +93,7 @@ class Decoder:
         logits = mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), self.head)
         return logits, [(cache, end) for cache, _ in past_key_values]
 
-    def _products(self, dtype: torch.dtype):
+    def _products(self, dtype: torch.dtype, batch: int):
         """``mm(a, w)`` and ``add_mm(x, a, w) = x + a @ w`` for activations of ``dtype``; with weights
         stored in another dtype the activations are converted on the way in and out."""
         if self.weight_dtype == dtype:
@@ -94,9 +101,11 @@ class Decoder:
         low = self.weight_dtype
 
         def mm(a: Tensor, w: Tensor) -> Tensor:
-            return torch.mm(a.to(low), w).to(dtype)
+            if batch == 1:
+                return torch.mv(w, a[0].to(low)).to(dtype)[None]
+            return F.linear(a.to(low), w).to(dtype)
 
         def add_mm(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
-            return x + torch.mm(a.to(low), w).to(dtype)
+            return x + mm(a, w)
 
         return mm, add_mm

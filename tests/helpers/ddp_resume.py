@@ -1,0 +1,46 @@
+"""Trains a tiny model's chat stage in pieces: plainly or under torchrun, from scratch or from a saved piece.
+
+    python tests/helpers/ddp_resume.py OUT [--steps N] [--resume IN]
+
+Saves (rank 0 only) the weights, the trainer's state and the step reached, so a run can go on with
+another number of processes.
+"""
+
+import argparse
+
+import torch
+
+from diyapp import DIYConfig
+from diyapp.data import Corpus
+from diyapp.train import TrainConfig, Trainer, build_tokenizer, new_model
+from tests.test_train import DIALOGUES, TEXTS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    corpus = Corpus(texts=TEXTS, dialogues=DIALOGUES, sources=["test"])
+    tokenizer = build_tokenizer(corpus, vocab_size=400)
+    torch.manual_seed(0)
+    model = new_model(DIYConfig(vocab_size=400, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
+                                dropout=0.0), tokenizer)
+    config = TrainConfig(epochs=2, batch_size=4, lr=3e-3, val_fraction=0.0, seed=5, precision="fp32")
+    saved = torch.load(args.resume, weights_only=True) if args.resume else None
+    if saved is not None:
+        model.load_state_dict(saved["weights"])
+    trainer = Trainer(model, tokenizer, "chat", corpus, config)
+    if saved is not None:
+        trainer.load_state_dict(saved["state"])
+    result = trainer.run(steps=args.steps)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        torch.save({"steps": result.steps, "status": result.status, "weights": model.state_dict(),
+                    "state": trainer.state_dict()}, args.out)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
