@@ -762,6 +762,9 @@ def main() -> int:
                         "train,optim,dropout,gen,nocache,curve,startup")
     parser.add_argument("--compile", action="store_true",
                         help="also measure torch.compile for training (adds about 1 min for A, 2-3 min for C)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for everything (default: PyTorch's); on a machine others share, "
+                             "1 thread is the least disturbed")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     started = time.perf_counter()
@@ -777,6 +780,8 @@ def main() -> int:
 
     from diyapp.device import autocast_dtype
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result["machine"] = m = machine_info()
     print(f"machine: {m['cpu']} | {m['cpu_capability']} | native bf16 {m['native_bf16']} | "
           f"threads {m['torch_threads']} | default precision {m['default_precision']}", flush=True)
