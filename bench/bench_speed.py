@@ -26,7 +26,7 @@ checked to give the same logits) are measured side by side in one process:
 * our training step at the app's default dropout (0.1) against dropout 0 (attention dropout
   moves PyTorch's CPU attention off its fused kernel);
 * fp32 and bf16-autocast loss curves of our model over the same steps (a learnable synthetic
-  token stream);
+  token stream), with a perturbed fp32 curve as the yardstick of run-to-run noise;
 * with ``--compile``: ``torch.compile`` of our training step (compile time, steady speed-up, and
   after how many steps it pays);
 * start-up: ``python main.py --help`` and, when the guided session shows a prompt in a
