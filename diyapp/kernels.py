@@ -300,19 +300,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logp.exp_().scatter_add_(1, t, minus_one[:len(t)])  # softmax - one_hot
                 grad_hidden[begin:begin + block_rows] = torch.mm(grad_logits, weight)
                 grad_weight += torch.mm(grad_logits.t(), h)
-        ctx.rows = rows
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / rows
+        return _keep_gradients(ctx, hidden, weight, grad_hidden, grad_weight, total)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is None:
-            raise RuntimeError("this loss was computed without gradients (want_grad=False)")
-        scale = grad / ctx.rows
-        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None
+        return (*_scaled_gradients(ctx, grad), None, None, None)
+
+
+def _keep_gradients(ctx, hidden: Tensor, weight: Tensor, grad_hidden: Tensor | None, grad_weight: Tensor | None,
+                    total: Tensor) -> Tensor:
+    """Save the gradients a fused loss computed in its forward; return the mean loss."""
+    ctx.rows = hidden.shape[0]
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    return total / ctx.rows
+
+
+def _scaled_gradients(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The saved gradients of the summed loss, scaled to the mean loss's upstream ``grad``, in the inputs' dtypes."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_hidden is None:
+        raise RuntimeError("this loss was computed without gradients (want_grad=False)")
+    scale = grad / ctx.rows
+    hidden_dtype, weight_dtype = ctx.dtypes
+    return grad_hidden.to(hidden_dtype) * scale.to(hidden_dtype), (grad_weight.to(scale.dtype) * scale).to(weight_dtype)
 
 
 class _LowPrecisionLinearCrossEntropy(torch.autograd.Function):
@@ -348,18 +360,9 @@ class _LowPrecisionLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.index_put_((row[:len(t)], t), picked - 1)
                 torch.mm(grad_logits, w, out=grad_hidden[begin:begin + block_rows])
                 grad_weight.addmm_(grad_logits.t(), h)
-        ctx.rows = rows
-        ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / rows
+        return _keep_gradients(ctx, hidden, weight, grad_hidden, grad_weight, total)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is None:
-            raise RuntimeError("this loss was computed without gradients (want_grad=False)")
-        scale = (grad / ctx.rows).float()
-        hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden.to(hidden_dtype) * scale.to(hidden_dtype)), (grad_weight.to(weight_dtype) * scale),
-                None, None, None, None)
+        return (*_scaled_gradients(ctx, grad), None, None, None, None)

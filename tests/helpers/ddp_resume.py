@@ -10,10 +10,8 @@ import argparse
 
 import torch
 
-from diyapp import DIYConfig
-from diyapp.data import Corpus
-from diyapp.train import TrainConfig, Trainer, build_tokenizer, new_model
-from tests.test_train import DIALOGUES, TEXTS
+from diyapp.train import Trainer
+from tests.helpers.ddp_train import setup
 
 
 def main() -> None:
@@ -22,12 +20,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
-    corpus = Corpus(texts=TEXTS, dialogues=DIALOGUES, sources=["test"])
-    tokenizer = build_tokenizer(corpus, vocab_size=400)
-    torch.manual_seed(0)
-    model = new_model(DIYConfig(vocab_size=400, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
-                                dropout=0.0), tokenizer)
-    config = TrainConfig(epochs=2, batch_size=4, lr=3e-3, val_fraction=0.0, seed=5, precision="fp32")
+    corpus, tokenizer, model, config = setup()
     saved = torch.load(args.resume, weights_only=True) if args.resume else None
     if saved is not None:
         model.load_state_dict(saved["weights"])
