@@ -22,6 +22,9 @@ TINY_FLAGS = ["--hidden-size", str(TINY["hidden_size"]), "--layers", str(TINY["n
               "--vocab-size", str(TINY["vocab_size"]), "--batch-size", "4"]
 
 
+LR = 0.0021  # not the recipe's (3e-3): the saved training config shows whether --lr reached training
+
+
 def run_main(*args: str, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -35,7 +38,7 @@ def trained(tmp_path_factory):
     corpus = write_corpus(folder)
     code = main(["train", "--data", str(corpus), *TINY_FLAGS, "--pretrain-epochs", "1", "--chat-epochs", "2",
                  "--format", "both", "--save", str(folder / "m"), "--save-pretrained", str(folder / "pre.pt"),
-                 "--seed", "3"])
+                 "--seed", "3", "--lr", str(LR), "--max-steps", "50"])
     assert code == 0
     return folder
 
@@ -100,6 +103,29 @@ def test_train_writes_what_was_asked(trained, capsys):
         assert (trained / name).is_file()
 
 
+def test_train_flags_reach_training(trained):
+    """The flags given to ``train`` are what each stage trained with, as the checkpoints record it."""
+    from diyapp import workflow as wf
+    from diyapp.train import lr_at
+
+    flags = {"lr": LR, "batch_size": 4, "seed": 3, "max_steps": 50}
+    pre, final = wf.open_model(trained / "pre.pt"), wf.open_model(trained / "m.pt")
+    for loaded in (pre, final):
+        assert {k: getattr(loaded.config, k) for k in TINY} == TINY
+    pretrain = pre.train_state
+    [pending] = pretrain["pending_stages"]
+    chat = final.train_state
+    assert (pretrain["stage"], pending["stage"], chat["stage"]) == ("pretrain", "chat", "chat")
+    for config in (pretrain["config"], pending["config"], chat["config"]):
+        assert {k: config[k] for k in flags} == flags
+    assert (pretrain["config"]["epochs"], chat["config"]["epochs"]) == (1, 2)
+    assert chat["config"] == pending["config"]
+    # The optimizer ran the schedule of that peak: its last learning rate is the schedule's.
+    sched = chat["scheduler"]
+    assert chat["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        lr_at(chat["step"] - 1, sched["total_steps"], LR, chat["config"]["min_lr"], sched["warmup_steps"]))
+
+
 def test_info_and_list(trained, capsys, monkeypatch):
     assert main(["info", "--model", str(trained / "pre.pt")]) == 0
     out = capsys.readouterr().out
@@ -112,6 +138,33 @@ def test_info_and_list(trained, capsys, monkeypatch):
     monkeypatch.chdir(trained)
     assert main(["list"]) == 0
     assert "no saved models" in capsys.readouterr().out
+
+
+def test_piped_clear_forgets_the_conversation(trained, monkeypatch, capsys):
+    from .test_chat import record_prompts, single_turn
+    from diyapp import workflow as wf
+
+    prompts = record_prompts(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n你是谁？\nclear\n你是谁？\n"))
+    assert main(["chat", "--model", str(trained / "m.pt"), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.count("\n") == 3
+    alone = single_turn(wf.open_model(trained / "m.pt").tokenizer, "你是谁？")
+    assert len(prompts) == 3
+    assert len(prompts[1]) > len(alone) and prompts[1][-len(alone):] == alone  # the first exchange, then this
+    assert prompts[2] == alone
+
+
+def test_chat_top_p_flag_reaches_the_sampler(trained, capsys):
+    def answer(*flags):
+        assert main(["chat", "--model", str(trained / "m.pt"), "--prompt", "你好", "--max-new-tokens", "12",
+                     *flags]) == 0
+        return capsys.readouterr().out
+
+    greedy = answer("--temperature", "0")
+    for seed in ("1", "2", "3"):
+        hot = ["--temperature", "5", "--top-k", "0", "--seed", seed]
+        assert answer(*hot, "--top-p", "0.000001") == greedy
+        assert answer(*hot, "--top-p", "1") != greedy
 
 
 def test_chat_one_prompt_and_piped_lines(trained, capsys, monkeypatch):
@@ -137,8 +190,8 @@ def test_piped_chat_survives_bytes_that_are_not_utf8(trained, encoding):
     assert "line 1" in one_line_error(err) and "UTF-8" in err        # one note, naming the line
 
 
-def test_export_formats_and_refusals(trained, capsys):
-    out = trained / "exported"
+def test_export_formats_and_refusals(trained, capsys, tmp_path):
+    out = tmp_path / "exported"
     assert main(["export", "--model", str(trained / "m.pt"), "--json", str(out / "e.json"), "--pt",
                  str(out / "e.pt"), "--hf", str(out / "hf")]) == 0
     assert (out / "e.json").is_file() and (out / "e.pt").is_file() and (out / "hf" / "config.json").is_file()
@@ -168,8 +221,8 @@ def test_failures_exit_1_with_one_line(trained, capsys, tmp_path):
     assert "no unfinished training" in one_line_error(capsys.readouterr().err)
 
 
-def test_resume_runs_the_pending_stage(trained, capsys):
-    target = trained / "resumed.pt"
+def test_resume_runs_the_pending_stage(trained, capsys, tmp_path):
+    target = tmp_path / "resumed.pt"
     assert main(["resume", "--model", str(trained / "pre.pt"), "--save", str(target)]) == 0
     assert "chat completed" in capsys.readouterr().out
     assert main(["info", "--model", str(target)]) == 0

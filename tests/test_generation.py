@@ -1,11 +1,14 @@
-"""Generation: greedy cache vs reference path, sampling filters, seeds, EOS and the sliding window."""
+"""Generation: greedy decoding against the model's own logits, cache vs reference path, sampling
+filters (and that generate passes them through), seeds, EOS and the sliding window."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
-from diyapp import generate
+from diyapp import DIYForCausalLM, generate
 from diyapp.generation import GenerationConfig, sample
 
 
@@ -16,6 +19,38 @@ def test_greedy_cached_equals_reference(tiny_model, tiny_config):
     assert cached.shape == (1, 36)
     assert torch.equal(cached, reference)
     assert torch.equal(cached[:, :6], prompt)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_picks_the_models_argmax_at_every_step(tiny_config, use_cache):
+    """Each greedy token is the most likely next token of a full forward pass over what came before
+    (a near tie, within rounding of the cached path, may go either way). An untied head: the tied
+    one at random initialisation repeats one token, which a decoder stuck on its first token matches."""
+    torch.manual_seed(0)
+    model = DIYForCausalLM(dataclasses.replace(tiny_config, tie_word_embeddings=False)).eval()
+    prompt = torch.randint(0, tiny_config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = generate(model, prompt, 30, temperature=0, use_cache=use_cache)
+    assert out.shape == (2, 35) and torch.equal(out[:, :5], prompt)
+    with torch.no_grad():
+        for t in range(5, 35):
+            logits = model(out[:, :t])[:, -1]
+            chosen = logits.gather(1, out[:, t:t + 1]).squeeze(1)
+            assert torch.all(chosen >= logits.max(dim=-1).values - 1e-5), t
+    assert all(len(set(row)) > 10 for row in out[:, 5:].tolist())  # not one token over and over
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_top_p_reaches_generate(tiny_model, tiny_config, use_cache):
+    """top_p so small that only the best token survives samples exactly the greedy sequence, under
+    any seed and a high temperature; with top_p=1 the same temperature wanders off it."""
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(2))
+    greedy = generate(tiny_model, prompt, 20, temperature=0, use_cache=use_cache)
+    for seed in range(5):
+        nucleus = generate(tiny_model, prompt, 20, temperature=5.0, top_p=1e-6, seed=seed, use_cache=use_cache)
+        assert torch.equal(nucleus, greedy), seed
+    wide = [generate(tiny_model, prompt, 20, temperature=5.0, top_p=1.0, seed=s, use_cache=use_cache)
+            for s in range(5)]
+    assert not any(torch.equal(w, greedy) for w in wide)
 
 
 def test_sliding_window_keeps_going_past_max_seq_len(tiny_model, tiny_config):

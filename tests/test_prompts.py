@@ -187,6 +187,20 @@ def test_chat_loop_ends_on_ctrl_d_and_ctrl_c(pipe, prompter, console, monkeypatc
     assert chat_loop.run_chat(wf.Workbench(model=None, tokenizer=None), console, prompter) == code
 
 
+def test_clear_in_the_chat_loop_forgets_the_conversation(pipe, prompter, console, bench, monkeypatch):
+    """A real model behind the loop: after ``clear`` the model is shown only the new message."""
+    from .test_chat import record_prompts, single_turn
+
+    prompts = record_prompts(monkeypatch)
+    pipe.send_text("你好\r你是谁？\rclear\r你是谁？\rexit\r")
+    settings = GenerationConfig(max_new_tokens=4, temperature=0.0)
+    assert chat_loop.run_chat(bench, console, prompter, settings=settings) == 0
+    alone = single_turn(bench.tokenizer, "你是谁？")
+    assert len(prompts) == 3
+    assert len(prompts[1]) > len(alone) and prompts[1][-len(alone):] == alone  # the first exchange, then this
+    assert prompts[2] == alone
+
+
 # --- the save flow (real model, real files) -------------------------------------------------------------
 
 @pytest.fixture
