@@ -64,8 +64,11 @@ def test_swiglu_matches_reference(dtype):
     _close(got_grads, ref_grads, tol, tol)
 
 
-def test_causal_attention_kernel_matches_sdpa_in_bf16():
-    """The bf16 CPU training path of kernels.attention (its own kernel) against PyTorch's SDPA in float32."""
+@pytest.mark.parametrize("block_rows", [128, 5])
+def test_causal_attention_kernel_matches_sdpa_in_bf16(monkeypatch, block_rows):
+    """The bf16 CPU training path of kernels.attention (its own kernel) against PyTorch's SDPA in
+    float32: in one block of queries, and in several (the last one short)."""
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK_ROWS", block_rows)
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 3, 16, 8, generator=gen).to(torch.bfloat16) for _ in range(3))
     got, got_grads = _grads(lambda q, k, v: kernels.attention(q, k, v, is_causal=True), [q, k, v])
