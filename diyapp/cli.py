@@ -13,7 +13,7 @@ import sys
 from typing import Any, Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-SUBCOMMANDS = ("train", "resume", "chat", "export", "info", "list")
+SUBCOMMANDS = ("train", "resume", "chat", "generate", "export", "info", "list")
 NEEDS_TERMINAL = ("diyapp: 引导模式需要终端，脚本里请用子命令 the guided session needs a terminal (stdin and "
                   "stdout); in scripts use a subcommand: " + ", ".join(SUBCOMMANDS) + " (see `python main.py --help`)")
 
@@ -49,6 +49,12 @@ def _lr(text: str) -> float:
     from .workflow import parse_lr
 
     return _argument(parse_lr, "learning rate")(text)
+
+
+def _duration(text: str) -> float:
+    from .plan import parse_duration
+
+    return _argument(parse_duration, "duration")(text)
 
 
 def _float(text: str) -> float:
@@ -91,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_int_at_least(1), metavar="N", help="batch size (default: the recipe's)")
     train.add_argument("--max-steps", type=_int_at_least(1), metavar="N", help="at most N optimizer steps per stage")
     train.add_argument("--seed", type=_int_at_least(0), default=42, metavar="N", help="random seed (default: 42)")
+    train.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                       help="finish within this time (90s, 10m, 1h, 1h30m), data and vocabulary included: the "
+                            "steps are planned from the speed measured in a few warm-up steps, and the "
+                            "learning-rate schedule completes (default: the recipe, adapted to the data size)")
     _add_save_options(train, "where to save (default: checkpoints/model_final.pt, exports/model_final.json)")
     train.add_argument("--save-pretrained", metavar="PATH",
                        help="also save a .pt checkpoint when pretraining finishes")
@@ -107,11 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "output line), until end of input or exit; clear forgets the conversation.")
     chat.add_argument("--model", required=True, metavar="PATH", help="a .pt checkpoint, JSON export or HF folder")
     chat.add_argument("--prompt", metavar="TEXT", help="answer this one message and exit")
-    chat.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (0 = greedy)")
-    chat.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
-    chat.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (1 = off)")
-    chat.add_argument("--max-new-tokens", type=int, metavar="N", help="longest answer in tokens")
-    chat.add_argument("--seed", type=int, metavar="N", help="make the sampling repeatable")
+    _add_sampling_options(chat, "answer")
+
+    generate = sub.add_parser("generate", help="continue a text (completion, no chat template; for text models)",
+                              description="Continue a prompt the way the training text goes on. With --prompt: one "
+                                          "continuation, streamed. On a terminal without --prompt: the completion "
+                                          "loop. With piped input: one continuation per input line (each on one "
+                                          "output line, the prompt first), until end of input.")
+    generate.add_argument("--model", required=True, metavar="PATH", help="a .pt checkpoint, JSON export or HF folder")
+    generate.add_argument("--prompt", metavar="TEXT", help="continue this text and exit")
+    _add_sampling_options(generate, "continuation")
 
     export = sub.add_parser("export", help="write a model as .pt, JSON or a Hugging Face folder",
                             description="Convert a saved model: --pt (binary, keeps training state), --json "
@@ -129,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("folders", nargs="*", default=["checkpoints", "exports"], metavar="FOLDER",
                        help="folders to look in (default: checkpoints exports)")
     return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The sampling flags chat and generate share."""
+    parser.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (0 = greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help=f"longest {what} in tokens")
+    parser.add_argument("--seed", type=int, metavar="N", help="make the sampling repeatable")
 
 
 def _add_save_options(parser: argparse.ArgumentParser, save_help: str) -> None:
@@ -198,7 +222,7 @@ def _progress() -> Any:
 
 
 def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[Any, str]],
-                    pretrained: Any = None) -> int:
+                    pretrained: Any = None, budget: Any = None) -> int:
     """Run the plans with progress, save to ``targets`` whatever the ending, report in one line each."""
     from . import workflow as wf
 
@@ -211,7 +235,8 @@ def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[An
 
     interrupted = False
     try:
-        wf.run_plans(bench, plans, corpus, on_event=progress, after_stage=after_stage)
+        wf.run_plans(bench, plans, corpus, on_event=progress, after_stage=after_stage, budget=budget,
+                     on_samples=getattr(progress, "samples", None))
     except KeyboardInterrupt:  # between stages (while preparing the next one's data)
         interrupted = True
     finally:
@@ -226,6 +251,8 @@ def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[An
     stages = "; ".join(f"{r.stage} {r.status} {r.steps}/{r.total_steps} steps, loss "
                        f"{'-' if r.train_loss is None else f'{r.train_loss:.4f}'}" for r in bench.results)
     _say(f"已训练 trained: {stages}")
+    for line in wf.quality_lines(bench):
+        _say(line)
     for item in saved:
         _say(f"已保存 saved {item.path} ({wf.human_size(item.size_bytes)})")
     if last.status == "diverged":
@@ -242,9 +269,13 @@ def _train_and_save(bench: Any, plans: list, corpus: Any, targets: list[tuple[An
 # --- commands ------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
     from . import workflow as wf
     from .config import ConfigError
+    from .ui.views import plan_lines
 
+    started = time.monotonic()
     try:
         config = wf.model_config(args.preset, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                  num_heads=args.num_heads, max_seq_len=args.max_seq_len, vocab_size=args.vocab_size)
@@ -262,7 +293,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _say(f"模型 model: {wf.human_count(bench.model.num_parameters())} 参数 parameters, 词表 vocabulary "
          f"{bench.tokenizer.vocab_size}, 数据 data: {len(corpus.texts)} 篇文本 documents, {len(corpus.dialogues)} "
          f"段对话 dialogues", err=True)
-    return _train_and_save(bench, plans, corpus, targets, pretrained)
+    budget = wf.plan_budget(bench, plans, corpus, args.time_budget, started=started)
+    for line in plan_lines(budget):
+        _say(line, err=True)
+    return _train_and_save(bench, plans, corpus, targets, pretrained, budget)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -285,10 +319,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _train_and_save(bench, plans, corpus, targets)
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace, base: Any = None) -> Any:
     from .generation import GenerationConfig
 
-    settings = GenerationConfig()
+    settings = base or GenerationConfig()
     for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None:
@@ -311,11 +345,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     bench = wf.bench_from_loaded(loaded, args.model)
     if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
         from .ui.app import App
-        from .ui.chat_loop import run_chat
+        from .ui.completion_loop import run_session
 
         app = App(preload=False)
-        return run_chat(bench, app.console, app.prompter, settings=settings,
-                        on_save=lambda: app.save_flow(bench, ask_first=False))
+        return run_session(bench, app.console, app.prompter, settings=settings,
+                           on_save=lambda: app.save_flow(bench, ask_first=False))
     session = ChatSession(bench.model, bench.tokenizer, settings)
     lines = [args.prompt] if args.prompt is not None else _input_lines(sys.stdin)
     for line in lines:
@@ -354,6 +388,36 @@ def _input_lines(stream: Any) -> Any:
         if replaced:
             _say(f"note: line {number}: {NOT_UTF8}", err=True)
         yield line
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import workflow as wf
+    from .completion import COMPLETION_SETTINGS, complete
+
+    settings = _settings(args, COMPLETION_SETTINGS)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    loaded = wf.open_model(args.model)
+    bench = wf.bench_from_loaded(loaded, args.model)
+    if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
+        from .ui.app import App
+        from .ui.completion_loop import run_completion
+
+        app = App(preload=False)
+        return run_completion(bench, app.console, app.prompter, settings=settings)
+    out = _OneLine(sys.stdout)
+    lines = [args.prompt] if args.prompt is not None else _input_lines(sys.stdin)
+    for line in lines:
+        prompt = line.rstrip("\r\n")
+        if not prompt.strip():
+            continue
+        out.write(prompt)
+        out.flush()
+        complete(bench.model, bench.tokenizer, prompt, settings, on_text=lambda piece: (out.write(piece), out.flush()),
+                 seed=args.seed)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return EXIT_OK
 
 
 class _OneLine:
@@ -441,7 +505,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "resume": cmd_resume, "chat": cmd_chat, "export": cmd_export, "info": cmd_info,
+    "train": cmd_train, "resume": cmd_resume, "chat": cmd_chat, "generate": cmd_generate, "export": cmd_export,
+    "info": cmd_info,
     "list": cmd_list,
 }
 

@@ -26,6 +26,7 @@ from .config import DIYConfig
 from .data import Corpus
 from .device import autocast_dtype, pick_device, precision_name
 from .model import DIYForCausalLM
+from .ngram import KneserNey, count_symbols
 from .tokenizer import DIYTokenizer
 
 STAGES = ("pretrain", "chat")
@@ -103,6 +104,7 @@ class TrainEvent:
     eta_s: float | None = None
     val_loss: float | None = None
     message: str = ""
+    val_bpc: float | None = None
 
 
 @dataclass
@@ -120,6 +122,9 @@ class TrainResult:
     tokens: int
     message: str = ""
     loss_history: list[tuple[int, float]] = field(default_factory=list)
+    val_bpc: float | None = None
+    best_val_bpc: float | None = None
+    frequency_bpc: float | None = None
 
 
 class TrainingError(RuntimeError):
@@ -169,12 +174,17 @@ def default_stage_config(stage: str, model_config: DIYConfig | None = None) -> T
 @dataclass
 class _Examples:
     """Tokenised pieces: ids and, for chat, the loss mask (1 where the target counts). A training
-    row is one piece (pretraining) or several pieces in sequence (chat: see :func:`compose_rows`)."""
+    row is one piece (pretraining) or several pieces in sequence (chat: see :func:`compose_rows`).
+    Packed text also records its size in tokens and in predicted characters (each document's
+    characters and its end), which turn a loss per token into bits per character."""
 
     ids: list[list[int]]
     masks: list[list[int]] | None
     #: chat: pieces are whole dialogues and rows join several of them, up to this many tokens
     row_tokens: int | None = None
+    tokens: int = 0
+    chars: int = 0
+    frequency_bpc: float | None = None
 
     def layout(self, seed: int, epoch: int) -> list[list[int]]:
         """The rows of one epoch, each a list of piece indices (a function of seed and epoch)."""
@@ -193,6 +203,14 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
+def split_texts(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Training and validation documents; a validation document that also occurs in the training
+    part (a duplicate in the corpus) is dropped, so the validation figures are on unseen text."""
+    train, val = _split(list(texts), val_fraction, seed)
+    seen = set(train)
+    return train, [t for t in val if t not in seen]
+
+
 def pack_texts(tokenizer: DIYTokenizer, texts: list[str], max_seq_len: int) -> _Examples:
     """Documents joined with end-of-text markers and cut into rows of ``max_seq_len`` tokens."""
     stream: list[int] = []
@@ -200,7 +218,7 @@ def pack_texts(tokenizer: DIYTokenizer, texts: list[str], max_seq_len: int) -> _
         stream.extend(tokenizer.encode(text))
         stream.append(tokenizer.eos_token_id)
     rows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
-    return _Examples([r for r in rows if len(r) >= 2], None)
+    return _Examples([r for r in rows if len(r) >= 2], None, tokens=len(stream), chars=count_symbols(texts))
 
 
 def encode_dialogues(tokenizer: DIYTokenizer, dialogues: list[list[dict]], max_seq_len: int) -> _Examples:
@@ -245,8 +263,11 @@ def stage_examples(tokenizer: DIYTokenizer, corpus: Corpus, stage: str, max_seq_
                    val_fraction: float, seed: int) -> tuple[_Examples, _Examples]:
     """Training and validation rows for a stage, split by document/dialogue before tokenising."""
     if stage == "pretrain":
-        train, val = _split(list(corpus.texts), val_fraction, seed)
-        return pack_texts(tokenizer, train, max_seq_len), pack_texts(tokenizer, val, max_seq_len)
+        train, val = split_texts(corpus.texts, val_fraction, seed)
+        held_out = pack_texts(tokenizer, val, max_seq_len)
+        if val:
+            held_out.frequency_bpc = KneserNey(train, order=1).bits_per_char(val)
+        return pack_texts(tokenizer, train, max_seq_len), held_out
     if stage == "chat":
         train, val = _split(list(corpus.dialogues), val_fraction, seed)
         return encode_dialogues(tokenizer, train, max_seq_len), encode_dialogues(tokenizer, val, max_seq_len)
@@ -426,6 +447,31 @@ class Trainer:
         """Ask the run to stop at the next step boundary (safe from a signal handler)."""
         self._stop = True
 
+    def set_total_steps(self, total: int) -> None:
+        """End the stage after ``total`` optimizer steps (at least one more than done so far). The
+        schedule is laid over the new count, and ``config.max_steps``/``epochs`` follow it, so a
+        saved state resumes with the same plan."""
+        total = max(self.step + 1, int(total))
+        self.config.max_steps = total
+        if self.train_rows.row_tokens is None:
+            self.config.epochs = math.ceil(total / self.steps_per_epoch)
+        else:  # composed rows: epochs differ a little in length, so count them
+            epochs, steps = 0, 0
+            while steps < total:
+                steps += self._epoch_steps(epochs)
+                epochs += 1
+            self.config.epochs = epochs
+        self.total_steps = total
+        if self.config.warmup_steps is None:
+            self.warmup = max(1, round(0.05 * total))
+
+    def bits_per_char(self, val_loss: float | None) -> float | None:
+        """A validation loss per token as bits per character of the validation text (pretraining
+        only: chat tuning scores only the answers' tokens)."""
+        if val_loss is None or not self.val_rows.chars:
+            return None
+        return val_loss * self.val_rows.tokens / self.val_rows.chars / math.log(2)
+
     @contextlib.contextmanager
     def _sigint_stops(self) -> Iterator[None]:
         """While training in the main thread, Ctrl-C asks for a stop instead of raising mid-step."""
@@ -600,7 +646,8 @@ class Trainer:
                             self.best_val, self.bad_evals = val, 0
                         else:
                             self.bad_evals += 1
-                        self._emit("eval", loss=loss, val_loss=val, elapsed_s=elapsed)
+                        self._emit("eval", loss=loss, val_loss=val, elapsed_s=elapsed,
+                                   val_bpc=self.bits_per_char(val))
                         if self.config.patience and self.bad_evals >= self.config.patience:
                             status = "early_stopped"
                             message = f"validation loss did not improve for {self.bad_evals} evaluations"
@@ -609,8 +656,11 @@ class Trainer:
         result = TrainResult(status=status, stage=self.stage, steps=self.step, total_steps=self.total_steps,
                              train_loss=self.last_loss, val_loss=self.last_val, best_val_loss=self.best_val,
                              elapsed_s=elapsed, tokens=run_tokens, message=message,
-                             loss_history=list(self.loss_history))
-        self._emit("end", loss=self.last_loss, val_loss=self.last_val, elapsed_s=elapsed, message=status)
+                             loss_history=list(self.loss_history), val_bpc=self.bits_per_char(self.last_val),
+                             best_val_bpc=self.bits_per_char(self.best_val),
+                             frequency_bpc=self.val_rows.frequency_bpc)
+        self._emit("end", loss=self.last_loss, val_loss=self.last_val, elapsed_s=elapsed, message=status,
+                   val_bpc=result.val_bpc)
         return result
 
     # -- exact resume ---------------------------------------------------------------------------

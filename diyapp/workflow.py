@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -22,7 +23,9 @@ from .config import DIYConfig, preset
 if TYPE_CHECKING:
     from .formats.common import LoadedModel
     from .data import Corpus
+    from .completion import Completion
     from .model import DIYForCausalLM
+    from .plan import BudgetPlan
     from .tokenizer import DIYTokenizer
     from .train import TrainConfig, Trainer, TrainEvent, TrainResult
 
@@ -93,12 +96,14 @@ def corpus_from_sources(sources: Sequence[str]) -> "Corpus":
 @dataclass
 class StagePlan:
     """One stage to train: its name and config, and, for an exact resume, the saved trainer state
-    (an unfinished stage) or the random-number state to start from (the next pending stage)."""
+    (an unfinished stage) or the random-number state to start from (the next pending stage).
+    ``trainer`` is the stage's trainer when :func:`plan_budget` already built it."""
 
     stage: str
     config: "TrainConfig"
     state: dict | None = None
     rng: dict | None = None
+    trainer: "Trainer | None" = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The form kept in a checkpoint's ``train_state["pending_stages"]``."""
@@ -244,31 +249,97 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", budget_s: float | None = None,
+                started: float | None = None, clock: Callable[[], float] = time.monotonic,
+                probe_steps: int = 6) -> "BudgetPlan":
+    """Fit the stages into ``budget_s`` seconds counted from ``started`` (a ``clock()`` value; by
+    default now), or lay out the recipe as it is when ``budget_s`` is None.
+
+    Each stage's trainer is built (its data tokenised) and timed over a few warm-up steps that are
+    then rolled back (:func:`diyapp.plan.measure_step_seconds`); the stages then get as many steps
+    as fit (:func:`diyapp.plan.allot`), and each plan's config records them, so a saved run
+    resumes with the same plan. :func:`run_plans` then trains with these trainers.
+    """
+    from .plan import RESERVE_FRACTION, BudgetPlan, StageNeed, allot, measure_step_seconds
+    from .train import Trainer, TrainingError, rng_state, set_rng_state
+
+    started = clock() if started is None else started
+    if budget_s is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingError("a time budget works in a single process, not under torchrun")
+    needs = []
+    for plan in plans:
+        if plan.rng:
+            set_rng_state(plan.rng)
+        before = rng_state()
+        trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config)
+        if plan.state is not None:
+            trainer.load_state_dict(plan.state)
+        step_s = measure_step_seconds(trainer, steps=probe_steps)
+        set_rng_state(before)
+        needs.append(StageNeed(plan.stage, trainer.total_steps - trainer.step, step_s, trainer.steps_per_epoch,
+                               trainer.config.batch_size, len(trainer.val_rows.ids)))
+        plan.trainer = trainer
+    spent = clock() - started
+    available = None if budget_s is None else max(0.0, budget_s * (1 - RESERVE_FRACTION) - spent)
+    allotments = allot(needs, available)
+    notes = []
+    for plan, allotment in zip(plans, allotments):
+        trainer = plan.trainer
+        if budget_s is not None:
+            trainer.set_total_steps(trainer.step + allotment.steps)
+            if allotment.eval_every:
+                trainer.config.eval_every = allotment.eval_every
+        if allotment.shortened:
+            notes.append(f"{STAGE_NAMES[plan.stage]}: {allotment.steps} of the recipe's {allotment.recipe_steps} "
+                         "steps fit in the time budget")
+    deadline = None if budget_s is None else started + budget_s * (1 - RESERVE_FRACTION)
+    return BudgetPlan(allotments, spent, budget_s, notes=notes, deadline=deadline)
+
+
 def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
               on_event: EventCallback | None = None,
               after_stage: Callable[[Workbench, "TrainResult"], None] | None = None,
-              on_trainer: Callable[["Trainer"], None] | None = None) -> list["TrainResult"]:
+              on_trainer: Callable[["Trainer"], None] | None = None, budget: "BudgetPlan | None" = None,
+              on_samples: "Callable[[int, list[Completion]], None] | None" = None,
+              clock: Callable[[], float] = time.monotonic) -> list["TrainResult"]:
     """Train the stages in order. Stops after a stage that did not finish (Ctrl-C, divergence):
     the model keeps what it learned and :func:`train_state` makes it resumable. ``after_stage`` runs
     after each finished stage that has more stages after it (the app offers a save there);
-    ``on_trainer`` gets each trainer before it runs (to stop it from elsewhere)."""
+    ``on_trainer`` gets each trainer before it runs (to stop it from elsewhere).
+
+    With a ``budget`` from :func:`plan_budget` (which built the trainers), a
+    :class:`diyapp.plan.BudgetGuard` keeps each stage on time. ``on_samples(step, completions)``
+    gets short continuations of fixed prompts at each pretraining evaluation and at its end.
+    """
+    from .plan import BudgetGuard, chain
     from .train import Trainer, set_rng_state
 
     results = []
+    prompts = _sample_prompts(corpus) if on_samples is not None else []
     for index, plan in enumerate(plans):
-        if plan.rng:
-            set_rng_state(plan.rng)
-        trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config, on_event=on_event)
-        if plan.state is not None:
-            trainer.load_state_dict(plan.state)
-            bench.steps_before_stage = max(0, bench.steps - trainer.step)
-        else:
-            bench.steps_before_stage = bench.steps
+        trainer = plan.trainer
+        if trainer is None:
+            if plan.rng:
+                set_rng_state(plan.rng)
+            trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config)
+            if plan.state is not None:
+                trainer.load_state_dict(plan.state)
+        plan.trainer = None  # a plan's trainer runs once
+        bench.steps_before_stage = max(0, bench.steps - trainer.step) if plan.state is not None else bench.steps
         bench.trainer = trainer
         bench.pending = [p.to_dict() for p in plans[index + 1:]]
         bench.corpus_sources = list(corpus.sources)
         if on_trainer is not None:
             on_trainer(trainer)
+        callbacks: list[Any] = []
+        if budget is not None and budget.deadline is not None and trainer.world == 1:
+            later = sum(a.seconds for a in budget.stages[index + 1:])
+            callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock,
+                                         max_steps=trainer.step + budget.stages[index].recipe_steps))
+        if prompts and plan.stage == "pretrain":
+            callbacks.append(_sampler(bench, trainer, prompts, on_samples))
+        if trainer.rank == 0:
+            trainer.on_event = chain(*callbacks, on_event)
         result = trainer.run()
         bench.stage = plan.stage
         bench.steps = bench.steps_before_stage + result.steps
@@ -281,6 +352,39 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         if after_stage is not None and index + 1 < len(plans):
             after_stage(bench, result)
     return results
+
+
+def _sample_prompts(corpus: "Corpus") -> list[str]:
+    from .completion import sample_prompts
+
+    return sample_prompts(corpus.texts)
+
+
+def _sampler(bench: Workbench, trainer: "Trainer", prompts: list[str],
+             on_samples: "Callable[[int, list[Completion]], None]") -> EventCallback:
+    """An event callback that continues ``prompts`` after each evaluation and at the end."""
+    from .completion import samples
+
+    last = [-1]
+
+    def call(event: "TrainEvent") -> None:
+        if event.kind in ("eval", "end") and event.step > 0 and event.step != last[0]:
+            last[0] = event.step
+            on_samples(event.step, samples(bench.model, bench.tokenizer, prompts))
+    return call
+
+
+def quality_lines(bench: Workbench) -> list[str]:
+    """What this session's pretraining validation figures mean, one line per pretraining run."""
+    from .quality import verdict
+
+    lines = []
+    for result in bench.results:
+        if result.stage == "pretrain":
+            line = verdict(result.val_bpc, result.best_val_bpc, result.frequency_bpc)
+            if line:
+                lines.append(line)
+    return lines
 
 
 def train_state(bench: Workbench) -> dict | None:

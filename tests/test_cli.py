@@ -261,3 +261,34 @@ def test_ctrl_c_during_training_saves_a_resumable_checkpoint(tmp_path):
     assert "saved stopped.pt" in out
     info = run_main("info", "--model", "stopped.pt", cwd=tmp_path)
     assert "stage:          pretrain" in info.stdout and "resumable:      yes" in info.stdout
+
+
+def test_generate_one_prompt_and_piped_lines_until_eof(trained, capsys, monkeypatch):
+    assert main(["generate", "--model", str(trained / "pre.pt"), "--prompt", "春天", "--max-new-tokens", "6",
+                 "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("春天")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("春天\n\n秋天来了\n夏天"))        # no newline before EOF
+    assert main(["generate", "--model", str(trained / "m.json"), "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line[:len(p)] for line, p in zip(lines, ("春天", "秋天来了", "夏天"))] == ["春天", "秋天来了", "夏天"]
+    assert len(lines) == 3 and "Traceback" not in captured.err
+
+
+def test_generate_refuses_bad_sampling_flags(trained, capsys):
+    assert main(["generate", "--model", str(trained / "pre.pt"), "--prompt", "春天", "--top-p", "3"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(trained / "pre.pt"), "--prompt", "  "]) == 2
+
+
+def test_train_with_a_time_budget_shows_the_plan_before_training(tmp_path, capsys):
+    corpus = write_corpus(tmp_path)
+    code = main(["train", "--data", str(corpus), *TINY_FLAGS, "--time-budget", "40s", "--save",
+                 str(tmp_path / "b.pt")])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "time budget 40s" in err and "ETA" in err
+    assert err.index("ETA") < err.index("[pretrain] start")
+    assert main(["train", "--data", str(corpus), "--time-budget", "10 parsecs"]) == 2
+    assert "--time-budget" in capsys.readouterr().err

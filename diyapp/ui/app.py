@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -15,9 +16,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import workflow as wf
-from .chat_loop import run_chat
+from .completion_loop import run_session
 from .prompts import Option, Prompter, epochs_parser, int_parser
-from .views import (banner, checkpoint_table, loss_chart, model_summary, results_table, stage_label,
+from .views import (banner, checkpoint_table, loss_chart, model_summary, plan_table, results_table, stage_label,
                     TrainingView)
 
 if TYPE_CHECKING:
@@ -98,8 +99,8 @@ class App:
                 self.error(err)
                 continue
             if bench is not None:
-                return run_chat(bench, self.console, self.prompter,
-                                on_save=lambda: self.save_flow(bench, ask_first=False))
+                return run_session(bench, self.console, self.prompter,
+                                   on_save=lambda: self.save_flow(bench, ask_first=False))
 
     def _menu(self, infos: list[Any]) -> str:
         options = [Option("加载模型 load a model", "load")]
@@ -177,6 +178,11 @@ class App:
             recipe.add_row(stage_label(stage), str(cfg.epochs), f"{cfg.lr:g}", str(cfg.batch_size))
         self.console.print(recipe)
         overrides: dict[str, Any] = {}
+        from ..plan import DEFAULT_BUDGET, parse_budget
+
+        budget_s = self.prompter.ask("训练最多用多久？ How long may training take? (例如 e.g. 90s, 10m, 1h; "
+                                     "none = 不限 no limit)", parse_budget, default=DEFAULT_BUDGET)
+        started = time.monotonic()
         if not self.prompter.confirm("使用推荐的训练设置吗？ Use these settings?", default=True):
             overrides["pretrain_epochs"] = self.prompter.ask(
                 "预训练轮数 pretraining epochs", epochs_parser(), default=defaults["pretrain"].epochs)
@@ -190,11 +196,14 @@ class App:
                 self.say(note, "yellow")
             with self.console.status("正在构建词表和模型 building the vocabulary and the model …"):
                 bench = wf.start_new(corpus, config)
+            self.console.print(model_summary(bench.summary(), "新模型 new model"))
+            with self.console.status("正在测量这台机器的速度 timing a few warm-up steps on this machine …"):
+                budget = wf.plan_budget(bench, plans, corpus, budget_s, started=started)
         except KeyboardInterrupt:
             self.say("已取消 cancelled", "yellow")
             return None
-        self.console.print(model_summary(bench.summary(), "新模型 new model"))
-        if not self._train(bench, plans, corpus):
+        self.console.print(plan_table(budget))
+        if not self._train(bench, plans, corpus, budget):
             return None
         return bench
 
@@ -246,14 +255,16 @@ class App:
 
     # -- training ------------------------------------------------------------------------------------
 
-    def _train(self, bench: wf.Workbench, plans: list[wf.StagePlan], corpus: "Corpus") -> bool:
-        """Run the stages with a live view, then show the results and offer to save. False when
-        nothing was trained."""
+    def _train(self, bench: wf.Workbench, plans: list[wf.StagePlan], corpus: "Corpus",
+               budget: Any = None) -> bool:
+        """Run the stages with a live view (with samples from fixed prompts while pretraining), then
+        show the results and offer to save. False when nothing was trained."""
         view = TrainingView(self.console)
         before = len(bench.results)
         self.say("训练中，按 Ctrl-C 可在当前步结束后停止。 Training; Ctrl-C stops after the current step.", "dim")
         try:
-            wf.run_plans(bench, plans, corpus, on_event=view, after_stage=self._after_stage)
+            wf.run_plans(bench, plans, corpus, on_event=view, after_stage=self._after_stage, budget=budget,
+                         on_samples=view.samples)
         except KeyboardInterrupt:
             view.close()
             self.say("已取消 cancelled (Ctrl-C)", "yellow")
@@ -274,6 +285,8 @@ class App:
         elif last.status == "early_stopped":
             self.say(f"提前停止 early stop: {last.message}", "yellow")
         self.console.print(results_table(new))
+        for line in wf.quality_lines(bench):
+            self.say(line, "yellow" if "too small" in line else None)
         chart = loss_chart(bench.loss_history(), width=self.console.width - 2)
         if chart:
             self.console.out(chart, highlight=False)

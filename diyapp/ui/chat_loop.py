@@ -24,7 +24,10 @@ COMMANDS = {
     "save": "save", "保存": "save",
     "help": "help", "帮助": "help", "?": "help", "？": "help",
     "set": "set", "设置": "set",
+    "complete": "complete", "续写": "complete",
 }
+#: What :func:`run_chat` returns when the person asks for text completion instead.
+SWITCH_TO_COMPLETION = "complete"
 SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens", "repetition_penalty")
 HELP = """命令 commands:
   exit / quit / 退出        结束对话 end the chat
@@ -32,6 +35,7 @@ HELP = """命令 commands:
   save / 保存               保存模型 save the model (.pt / JSON)
   set                       查看生成设置 show the sampling settings
   set temperature=0.7       修改设置 change one (also top_k=, top_p=, max_new_tokens=; top_k=none turns it off)
+  complete / 续写           切换到续写模式 switch to text completion
   help / 帮助               显示本帮助 this help
 回答时按 Ctrl-C 可打断回答；在提示符处按 Ctrl-C 或 Ctrl-D 退出。
 Ctrl-C while answering stops the answer; Ctrl-C or Ctrl-D at the prompt quits."""
@@ -127,8 +131,9 @@ def stream_answer(session: "ChatSession", message: str, out: TextIO, seed: int |
 
 
 def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
-             on_save: Callable[[], None] | None = None, settings: "GenerationConfig | None" = None) -> int:
-    """Chat until ``exit`` (0), Ctrl-D (0) or Ctrl-C at the prompt (130)."""
+             on_save: Callable[[], None] | None = None, settings: "GenerationConfig | None" = None) -> int | str:
+    """Chat until ``exit`` (0), Ctrl-D (0) or Ctrl-C at the prompt (130); returns
+    :data:`SWITCH_TO_COMPLETION` when the person types ``complete``."""
     from ..chat import ChatSession
 
     session = ChatSession(bench.model, bench.tokenizer, settings)
@@ -156,6 +161,8 @@ def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
         if name == "exit":
             console.print(Text("再见 bye", style="dim"))
             return 0
+        if name == "complete":
+            return SWITCH_TO_COMPLETION
         if name == "clear":
             session.clear()
             console.print(Text("已清空对话 conversation cleared", style="dim"))

@@ -20,6 +20,8 @@ from rich.text import Text
 from ..workflow import STAGE_NAMES, human_count, human_size
 
 if TYPE_CHECKING:
+    from ..completion import Completion
+    from ..plan import BudgetPlan
     from ..train import TrainEvent, TrainResult
 
 STAGE_NAMES_SHORT = {"pretrain": "预训练", "chat": "对话微调"}
@@ -119,16 +121,50 @@ def model_summary(summary: dict[str, Any], title: str = "模型概况 model") ->
 
 
 def results_table(results: Iterable["TrainResult"]) -> Table:
-    """One row per stage trained: status, steps, losses, time and speed."""
+    """One row per stage trained: status, steps, losses (validation also in bits per character),
+    time and speed."""
     table = Table(title="训练结果 results", title_justify="left", header_style="bold")
-    for column in ("阶段 stage", "状态 status", "步数 steps", "训练损失 loss", "验证损失 val", "用时 time",
-                   "tokens/s"):
+    for column in ("阶段 stage", "状态 status", "步数 steps", "训练损失 loss", "验证损失 val", "bits/char",
+                   "用时 time", "tokens/s"):
         table.add_column(column)
     for r in results:
         speed = f"{r.tokens / r.elapsed_s:,.0f}" if r.elapsed_s > 0 and r.tokens else "-"
         table.add_row(stage_label(r.stage), STATUS_NAMES.get(r.status, r.status), f"{r.steps}/{r.total_steps}",
-                      fmt_loss(r.train_loss), fmt_loss(r.val_loss), fmt_duration(r.elapsed_s), speed)
+                      fmt_loss(r.train_loss), fmt_loss(r.val_loss), "-" if r.val_bpc is None else f"{r.val_bpc:.3f}",
+                      fmt_duration(r.elapsed_s), speed)
     return table
+
+
+def plan_lines(plan: "BudgetPlan") -> list[str]:
+    """The training plan as plain lines: each stage's steps, batch, epochs and time, then the ETA."""
+    from ..plan import format_duration
+
+    lines = []
+    head = (f"时间预算 time budget {format_duration(plan.budget_s)}" if plan.budget_s is not None
+            else "没有时间预算 no time budget: the recipe as it is")
+    lines.append(f"训练计划 plan ({head}; 准备 preparation {format_duration(plan.spent_s)}):")
+    for a in plan.stages:
+        lines.append(f"  {stage_label(a.stage)}: {a.steps} steps × batch {a.batch_size} ({a.epochs:.2f} epochs), "
+                     f"{a.step_s * 1000:.0f} ms/step measured, ≈ {format_duration(a.seconds)}"
+                     + (f" (the recipe's {a.recipe_steps} steps would not fit)" if a.shortened else ""))
+    lines.append(f"  预计用时 ETA {format_duration(plan.eta_s)} in all; the learning-rate schedule completes "
+                 "at the last step")
+    return lines
+
+
+def plan_table(plan: "BudgetPlan") -> Group:
+    """The training plan for the guided session (the same facts as :func:`plan_lines`)."""
+    lines = plan_lines(plan)
+    return Group(Text(lines[0], style="bold"), *(Text(line) for line in lines[1:]))
+
+
+def sample_lines(step: int, completions: Sequence["Completion"]) -> list[str]:
+    """Samples from fixed prompts, one line each (line breaks shown as spaces)."""
+    lines = [f"样例 samples at step {step}:"]
+    for c in completions:
+        text = " ".join((c.prompt + c.text).split())
+        lines.append(f"  {text}")
+    return lines
 
 
 def loss_chart(points: Sequence[tuple[int, float]], width: int = 80, height: int = 14) -> str | None:
@@ -234,7 +270,8 @@ class TrainingView:
             self.val_loss = event.val_loss
         if event.kind == "step" and not self.throttle(event.step >= event.total_steps):
             return
-        fields: dict[str, Any] = {"completed": event.step, "val": fmt_loss(self.val_loss)}
+        fields: dict[str, Any] = {"completed": event.step, "total": max(1, event.total_steps),
+                                  "val": fmt_loss(self.val_loss)}
         if event.loss is not None:
             fields["loss"] = fmt_loss(event.loss)
         if event.lr is not None:
@@ -247,6 +284,11 @@ class TrainingView:
         if event.kind == "end":
             self.progress.update(self.task, eta="0:00" if event.step >= event.total_steps else "-")
             self.close()
+
+    def samples(self, step: int, completions: Sequence["Completion"]) -> None:
+        """Show samples from fixed prompts above the live bar."""
+        for line in sample_lines(step, completions):
+            self.console.print(Text(line, style="dim" if line.startswith(" ") else "cyan"))
 
     def close(self) -> None:
         """Stop the live display (idempotent)."""
@@ -274,6 +316,8 @@ class PlainProgress:
             self._write(f"[{event.stage}] start: {event.total_steps} steps, {event.epochs} epochs; {event.message}")
         elif event.kind == "eval":
             self.val_loss = event.val_loss
+            bpc = "" if event.val_bpc is None else f", {event.val_bpc:.3f} bits/char"
+            self._write(f"[{event.stage}] eval at step {event.step}: val loss {fmt_loss(event.val_loss)}{bpc}")
         elif event.kind == "step" and self.throttle():
             parts = [f"[{event.stage}] step {event.step}/{event.total_steps}", f"epoch {event.epoch + 1}",
                      f"loss {fmt_loss(event.loss)}"]
@@ -289,6 +333,11 @@ class PlainProgress:
             self._write(f"[{event.stage}] {event.message}: step {event.step}/{event.total_steps}, "
                         f"loss {fmt_loss(event.loss)}, val {fmt_loss(event.val_loss)}, "
                         f"{fmt_duration(event.elapsed_s)}")
+
+    def samples(self, step: int, completions: Sequence["Completion"]) -> None:
+        """Samples from fixed prompts as plain lines."""
+        for line in sample_lines(step, completions):
+            self._write(line)
 
     def close(self) -> None:
         """Nothing to stop (same interface as :class:`TrainingView`)."""

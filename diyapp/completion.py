@@ -1,0 +1,112 @@
+"""Text completion: continue a prompt the way the training text goes on (no chat template).
+
+A model that was only pretrained knows the corpus's text, not the chat template; completion is
+how it is used. A prompt is continued as the start of a new document (it follows an end-of-text
+token, as every document did in training) until the model ends the document or the length limit.
+No UI here; the app and the CLI render it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .generation import GenerationConfig, generate
+from .model import DIYForCausalLM
+from .tokenizer import DIYTokenizer
+
+#: Sampling for completion: warmer than chat's default, so a text model does not loop on its
+#: likeliest phrase (the same settings can be changed with the same flags and ``set`` command).
+COMPLETION_SETTINGS = GenerationConfig(max_new_tokens=96, temperature=0.8, top_k=40, top_p=0.95)
+#: Characters that end a sample prompt taken from the corpus (a title, a first phrase).
+_PROMPT_ENDS = "：:，,。.！!？?、；; \n"
+
+
+@dataclass
+class Completion:
+    """One continuation: its text, how many tokens it took and how fast, whether the model ended
+    the document itself (``finished``) and whether the prompt had to be cut to fit."""
+
+    prompt: str
+    text: str
+    tokens: int
+    seconds: float
+    finished: bool
+    truncated_prompt: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompt_ids(tokenizer: DIYTokenizer, prompt: str, max_seq_len: int, room: int) -> tuple[list[int], bool]:
+    """``<|endoftext|>`` + the prompt's ids, keeping the prompt's end when it leaves fewer than
+    ``room`` positions of the context for the continuation. Returns (ids, truncated)."""
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt)
+    limit = max(1, max_seq_len - room)
+    if len(ids) <= limit:
+        return ids, False
+    return ids[-limit:], True
+
+
+def complete(model: DIYForCausalLM, tokenizer: DIYTokenizer, prompt: str,
+             settings: GenerationConfig | None = None, on_text: Callable[[str], object] | None = None,
+             seed: int | None = None) -> Completion:
+    """Continue ``prompt``, streaming whole characters to ``on_text`` as they are generated.
+    A KeyboardInterrupt propagates after the part already streamed."""
+    settings = settings or COMPLETION_SETTINGS
+    max_len = model.config.max_seq_len
+    room = max(1, min(settings.max_new_tokens, max_len // 2))
+    ids, truncated = prompt_ids(tokenizer, prompt, max_len, room)
+    decoder = tokenizer.stream_decoder()
+    pieces: list[str] = []
+    count = 0
+
+    def take(token: int) -> None:
+        nonlocal count
+        count += 1
+        piece = decoder.push(token)
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    started = time.perf_counter()
+    out = generate(model, ids, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                   top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                   eos_token_id=tokenizer.eos_token_id, seed=seed, on_token=take)
+    seconds = time.perf_counter() - started
+    tail = decoder.flush()
+    if tail:
+        pieces.append(tail)
+        if on_text is not None:
+            on_text(tail)
+    finished = settings.max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == tokenizer.eos_token_id
+    return Completion(prompt=prompt, text="".join(pieces), tokens=count + (1 if finished else 0), seconds=seconds,
+                      finished=finished, truncated_prompt=truncated)
+
+
+def sample_prompts(texts: Sequence[str], count: int = 3) -> list[str]:
+    """Fixed prompts taken from ``texts``: the opening of documents spread over the corpus (up to
+    and including the first title mark or punctuation within 6 characters, else 2 characters)."""
+    prompts: list[str] = []
+    candidates = [t.strip() for t in texts if t.strip()]
+    if not candidates:
+        return prompts
+    step = max(1, len(candidates) // count)
+    for text in candidates[::step]:
+        cut = next((i + 1 for i, ch in enumerate(text[:6]) if ch in _PROMPT_ENDS and i > 0), 2)
+        prompt = text[:cut].strip()
+        if prompt and prompt not in prompts:
+            prompts.append(prompt)
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def samples(model: DIYForCausalLM, tokenizer: DIYTokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+            seed: int = 0) -> list[Completion]:
+    """Short continuations of ``prompts`` with fixed seeds, to show how the model's text develops."""
+    settings = GenerationConfig(**{**COMPLETION_SETTINGS.to_dict(), "max_new_tokens": max_new_tokens})
+    return [complete(model, tokenizer, p, settings, seed=seed + i) for i, p in enumerate(prompts)]

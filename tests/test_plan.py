@@ -1,0 +1,143 @@
+"""Time budgets: durations, the allotment of steps, the warm-up timing, the guard, resume keeps the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diyapp import plan as budget_plan
+from diyapp import workflow as wf
+from diyapp.plan import BudgetGuard, StageNeed, allot, parse_budget, parse_duration
+from diyapp.train import lr_at
+
+from .test_workflow import TINY, corpus  # noqa: F401  (the fixture)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400),
+                                           ("2.5m", 150), ("600", 600), (" 10 M ", 600), ("5分钟", 300)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10 parsecs", "5s", "-3m", "m10", "30d"])
+def test_bad_durations_are_refused_with_a_reason(text):
+    with pytest.raises(ValueError, match="e.g.|至少|最多"):
+        parse_duration(text)
+
+
+def test_no_limit_answers():
+    assert parse_budget("none") is None and parse_budget("不限") is None and parse_budget("2m") == 120
+
+
+def test_allot_keeps_the_recipe_when_it_fits_and_shares_the_time_when_not():
+    needs = [StageNeed("pretrain", recipe_steps=1000, step_s=0.1, steps_per_epoch=100, batch_size=4, val_rows=40),
+             StageNeed("chat", recipe_steps=500, step_s=0.2, steps_per_epoch=50, batch_size=16, val_rows=0)]
+    roomy = allot(needs, 10_000)
+    assert [a.steps for a in roomy] == [1000, 500] and not any(a.shortened for a in roomy)
+    tight = allot(needs, 60)
+    assert all(a.shortened for a in tight)
+    assert sum(a.seconds for a in tight) <= 60
+    assert sum(a.seconds for a in tight) > 0.9 * 60                   # and it uses the time it has
+    # each stage keeps about its share of what the recipe would take (pretrain ~100 s + evals, chat 100 s)
+    assert tight[0].seconds == pytest.approx(tight[1].seconds, rel=0.15)
+
+
+def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  # noqa: F811
+    """A fake speed (0.5 s a step) and a fake clock: the planned steps fit in the 30 s budget, and
+    the real run ends on the last planned step with the learning rate at its floor."""
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.5)
+    now = [100.0]
+    config = wf.model_config("custom", **TINY)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=50, chat_epochs=50, seed=1, batch_size=2)
+    bench = wf.start_new(corpus, config)
+    plan = wf.plan_budget(bench, plans, corpus, budget_s=30, started=90.0, clock=lambda: now[0])
+    assert plan.spent_s == 10.0                                       # counted from the start, data included
+    assert plan.eta_s <= 30 and plan.eta_s > 25
+    steps = [p.config.max_steps for p in plans]
+    assert [a.steps for a in plan.stages] == steps and all(a.shortened for a in plan.stages)
+    assert sum(steps) * 0.5 <= 20
+    lrs = []
+    results = wf.run_plans(bench, plans, corpus, on_event=lambda e: lrs.append(e.lr) if e.kind == "step" else None)
+    assert [(r.status, r.steps, r.total_steps) for r in results] == [("completed", s, s) for s in steps]
+    for last_lr, p in ((lrs[steps[0] - 1], plans[0]), (lrs[-1], plans[1])):  # the decay ran to its end
+        assert last_lr <= p.config.min_lr + 0.05 * (p.config.lr - p.config.min_lr)
+
+
+def test_warm_up_timing_leaves_the_model_and_the_data_position_as_they_were(corpus):  # noqa: F811
+    from diyapp.train import Trainer
+
+    config = wf.model_config("custom", **TINY)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=3, chat_epochs=0, seed=1, batch_size=2)
+    bench = wf.start_new(corpus, config)
+    trainer = Trainer(bench.model, bench.tokenizer, "pretrain", corpus, plans[0].config)
+    before = {k: v.clone() for k, v in bench.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = budget_plan.measure_step_seconds(trainer, steps=3, skip=1)
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in bench.model.state_dict().items())
+    assert trainer.step == 0 and trainer.batch_in_epoch == 0 and not trainer.optimizer.state
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+class FakeTrainer:
+    """What the guard reads and moves: the step count and the last step."""
+
+    def __init__(self, total: int) -> None:
+        self.step = 0
+        self.total_steps = total
+
+    def set_total_steps(self, total: int) -> None:
+        self.total_steps = max(self.step + 1, total)
+
+
+def _drive(guard: BudgetGuard, trainer: FakeTrainer, clock: list[float], step_s: float) -> None:
+    from diyapp.train import TrainEvent
+
+    guard(TrainEvent("start", "pretrain", trainer.step, trainer.total_steps))
+    while trainer.step < trainer.total_steps:
+        clock[0] += step_s
+        trainer.step += 1
+        guard(TrainEvent("step", "pretrain", trainer.step, trainer.total_steps))
+
+
+@pytest.mark.parametrize("step_s", [2.0, 0.5])
+def test_the_guard_keeps_a_slower_or_faster_machine_on_time(step_s):
+    """Planned for 1 s a step (100 steps, 100 s); the machine turns out 2x slower or 2x faster."""
+    clock = [0.0]
+    trainer = FakeTrainer(100)
+    guard = BudgetGuard(trainer, deadline=100.0, clock=lambda: clock[0], max_steps=1000)
+    _drive(guard, trainer, clock, step_s)
+    assert guard.adjustments
+    assert 94.0 <= clock[0] <= 103.0
+    assert trainer.step == trainer.total_steps
+
+
+def test_the_guard_leaves_an_on_time_run_alone():
+    clock = [0.0]
+    trainer = FakeTrainer(100)
+    guard = BudgetGuard(trainer, deadline=100.0, clock=lambda: clock[0])
+    _drive(guard, trainer, clock, 1.0)
+    assert not guard.adjustments and trainer.total_steps == 100
+
+
+def test_a_resumed_run_keeps_its_plan(corpus, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.25)
+    config = wf.model_config("custom", **TINY)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=50, chat_epochs=50, seed=1, batch_size=2)
+    bench = wf.start_new(corpus, config)
+    wf.plan_budget(bench, plans, corpus, budget_s=20, started=0.0, clock=lambda: 1.0)
+    planned = [dataclasses.asdict(p.config) for p in plans]
+    trainer = plans[0].trainer
+    trainer.run(steps=3)                                              # paused, as if Ctrl-C
+    bench.trainer, bench.pending = trainer, [p.to_dict() for p in plans[1:]]
+    resumed = wf.resume_plans(wf.train_state(bench))
+    assert [dataclasses.asdict(p.config) for p in resumed] == planned
+    from diyapp.train import Trainer
+
+    again = Trainer(bench.model, bench.tokenizer, "pretrain", corpus, resumed[0].config)
+    again.load_state_dict(resumed[0].state)
+    assert (again.step, again.total_steps, again.warmup) == (3, trainer.total_steps, trainer.warmup)
+    last = lr_at(again.total_steps - 1, again.total_steps, again.config.lr, again.config.min_lr, again.warmup)
+    assert last <= again.config.min_lr + 0.05 * (again.config.lr - again.config.min_lr)
