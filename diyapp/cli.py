@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(resumable with `resume`).")
     train.add_argument("--data", metavar="PATH", help="corpus file or folder (.json/.jsonl/.txt); default: bundled data")
     train.add_argument("--preset", default="default", metavar="NAME",
-                       help="model size: default, large or tiny (default: %(default)s)")
+                       help="model size: default, large or tiny (default: %(default)s, which a large corpus "
+                            "turns into 4 layers)")
     for flag, dest, low in (("--hidden-size", "hidden_size", 2), ("--layers", "num_layers", 1),
                             ("--heads", "num_heads", 1), ("--max-seq-len", "max_seq_len", 2),
                             ("--vocab-size", "vocab_size", 1)):
@@ -285,6 +286,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     pretrained = wf.with_suffix(args.save_pretrained, "pt") if args.save_pretrained else None
     _check_targets(targets + ([(pretrained, "pt")] if pretrained else []), args.force)
     corpus = wf.load_data(args.data)
+    explicit = [name for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len", "vocab_size")
+                if getattr(args, name) is not None]
+    config = wf.model_for_corpus(config, corpus, args.preset, explicit)
     plans, notes = wf.plan_new(corpus, config, pretrain_epochs=args.pretrain_epochs, chat_epochs=args.chat_epochs,
                                lr=args.lr, seed=args.seed, batch_size=args.batch_size, max_steps=args.max_steps)
     for note in notes:

@@ -60,6 +60,15 @@ def model_config(size: str = "default", **fields_: Any) -> DIYConfig:
     return preset(name, **{k: v for k, v in fields_.items() if v is not None})
 
 
+def model_for_corpus(config: DIYConfig, corpus: "Corpus", size: str = "default",
+                     explicit: Sequence[str] = ()) -> DIYConfig:
+    """The model for ``corpus``: the default size becomes the large-corpus shape for a large
+    corpus (:mod:`diyapp.recipe`); other sizes, and fields the person set, stay as they are."""
+    from .recipe import model_for, text_chars
+
+    return model_for(config, text_chars(corpus.texts), explicit) if size == "default" else config
+
+
 def load_data(path: str | os.PathLike | None = None) -> "Corpus":
     """The bundled corpus (``path`` None) or the user's corpus at ``path`` (file or folder)."""
     from .data import DataError, bundled_corpus, load_corpus
@@ -112,12 +121,16 @@ class StagePlan:
 
 def stage_config(stage: str, model_cfg: DIYConfig | None = None, *, epochs: int | None = None,
                  lr: float | None = None, seed: int | None = None, batch_size: int | None = None,
-                 max_steps: int | None = None) -> "TrainConfig":
-    """The engine's recipe for ``stage`` with the given fields overridden. A learning rate below the
+                 max_steps: int | None = None, corpus_chars: int = 0) -> "TrainConfig":
+    """The engine's recipe for ``stage``, adapted to a corpus of ``corpus_chars`` characters of
+    text (:mod:`diyapp.recipe`), with the given fields overridden. A learning rate below the
     recipe's floor lowers the floor to a tenth of it, so the schedule still decays."""
+    from .recipe import pretrain_for
     from .train import default_stage_config
 
     config = default_stage_config(stage, model_cfg)
+    if stage == "pretrain":
+        config = pretrain_for(config, corpus_chars)
     changes: dict[str, Any] = {}
     if epochs is not None:
         changes["epochs"] = int(epochs)
@@ -140,8 +153,11 @@ def plan_new(corpus: "Corpus", model_cfg: DIYConfig, *, pretrain_epochs: int | N
     """
     from .train import TrainingError
 
+    from .recipe import text_chars
+
     plans: list[StagePlan] = []
     notes: list[str] = []
+    chars = text_chars(corpus.texts)
     wanted = {"pretrain": pretrain_epochs, "chat": chat_epochs}
     has_data = {"pretrain": bool(corpus.texts), "chat": bool(corpus.dialogues)}
     for stage in STAGES:
@@ -153,7 +169,8 @@ def plan_new(corpus: "Corpus", model_cfg: DIYConfig, *, pretrain_epochs: int | N
             notes.append(f"{STAGE_NAMES[stage]}：跳过，数据里没有{zh} skipped, the data has no {en}")
             continue
         plans.append(StagePlan(stage, stage_config(stage, model_cfg, epochs=wanted[stage], lr=lr, seed=seed,
-                                                   batch_size=batch_size, max_steps=max_steps)))
+                                                   batch_size=batch_size, max_steps=max_steps,
+                                                   corpus_chars=chars)))
     if not plans:
         raise TrainingError("没有可训练的阶段 nothing to train: " + "; ".join(notes))
     return plans, notes

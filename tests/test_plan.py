@@ -141,3 +141,22 @@ def test_a_resumed_run_keeps_its_plan(corpus, monkeypatch):  # noqa: F811
     assert (again.step, again.total_steps, again.warmup) == (3, trainer.total_steps, trainer.warmup)
     last = lr_at(again.total_steps - 1, again.total_steps, again.config.lr, again.config.min_lr, again.warmup)
     assert last <= again.config.min_lr + 0.05 * (again.config.lr - again.config.min_lr)
+
+
+def test_without_a_budget_the_recipe_adapts_to_a_large_corpus():
+    from diyapp.data import Corpus
+
+    small = Corpus(texts=["春天来了，花儿开了。"] * 100, sources=["small"])
+    large = Corpus(texts=["春天来了，花儿开了，小草也绿了。" * 10] * 1200, sources=["large"])   # 192 K chars ...
+    large.texts.extend(["秋天的树叶变黄，慢慢落下来。" * 10] * 1000)                            # ... + 140 K
+    default = wf.model_config("default")
+    assert wf.model_for_corpus(default, small) == default
+    big = wf.model_for_corpus(default, large)
+    assert big.num_layers == 4 and wf.model_for_corpus(default, large, explicit=["num_layers"]).num_layers == 2
+    assert wf.model_for_corpus(wf.model_config("tiny"), large, "tiny") == wf.model_config("tiny")
+    [small_plan], _ = wf.plan_new(small, default, chat_epochs=0)
+    [large_plan], _ = wf.plan_new(large, big, chat_epochs=0)
+    assert small_plan.config == wf.stage_config("pretrain", default)          # the bundled-size recipe as it was
+    assert large_plan.config.epochs < small_plan.config.epochs and large_plan.config.dropout > 0
+    [chosen], _ = wf.plan_new(large, big, chat_epochs=0, pretrain_epochs=7)
+    assert chosen.config.epochs == 7                                           # the person's choice wins

@@ -170,10 +170,19 @@ class App:
     def _new(self, _infos: list[Any]) -> wf.Workbench | None:
         config = self._ask_size()
         corpus = self._ask_data()
+        if config == wf.model_config("default"):
+            adapted = wf.model_for_corpus(config, corpus)
+            if adapted != config:
+                self.say(f"语料很大，默认模型改为 {adapted.num_layers} 层。 A large corpus: the default model gets "
+                         f"{adapted.num_layers} layers.", "dim")
+            config = adapted
         recipe = Table(title="推荐的训练设置 recommended settings", title_justify="left", header_style="bold")
         for column in ("阶段 stage", "轮数 epochs", "学习率 lr", "批大小 batch"):
             recipe.add_column(column)
-        defaults = {stage: wf.stage_config(stage, config) for stage in wf.STAGES}
+        from ..recipe import text_chars
+
+        defaults = {stage: wf.stage_config(stage, config, corpus_chars=text_chars(corpus.texts))
+                    for stage in wf.STAGES}
         for stage, cfg in defaults.items():
             recipe.add_row(stage_label(stage), str(cfg.epochs), f"{cfg.lr:g}", str(cfg.batch_size))
         self.console.print(recipe)
