@@ -337,23 +337,34 @@ def _settings(args: argparse.Namespace, base: Any = None) -> Any:
     return settings
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def _use_model(args: argparse.Namespace, base_settings: Any = None) -> tuple[Any, Any, Any]:
+    """For chat and generate: the loaded model (a Workbench), the sampling settings from the flags,
+    and, on a terminal without --prompt, the App whose console and prompter run the loop (else None)."""
     from . import workflow as wf
+
+    settings = _settings(args, base_settings)
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt 是空的 is empty")
+    bench = wf.bench_from_loaded(wf.open_model(args.model), args.model)
+    if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
+        from .ui.app import App
+
+        return bench, settings, App(preload=False)
+    return bench, settings, None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
     from .ui.chat_loop import parse_command, stream_answer
 
-    settings = _settings(args)
-    if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt 是空的 is empty")
-    loaded = wf.open_model(args.model)
-    bench = wf.bench_from_loaded(loaded, args.model)
-    if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
-        from .ui.app import App
+    bench, settings, app = _use_model(args)
+    if app is not None:
         from .ui.completion_loop import run_session
 
-        app = App(preload=False)
         return run_session(bench, app.console, app.prompter, settings=settings,
                            on_save=lambda: app.save_flow(bench, ask_first=False))
+    if bench.stage == "pretrain":
+        _say("note: 这个模型只做过预训练 this model was only pretrained; `generate` continues text", err=True)
     session = ChatSession(bench.model, bench.tokenizer, settings)
     lines = [args.prompt] if args.prompt is not None else _input_lines(sys.stdin)
     for line in lines:
@@ -395,20 +406,14 @@ def _input_lines(stream: Any) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import workflow as wf
     from .completion import COMPLETION_SETTINGS, complete
 
-    settings = _settings(args, COMPLETION_SETTINGS)
-    if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty")
-    loaded = wf.open_model(args.model)
-    bench = wf.bench_from_loaded(loaded, args.model)
-    if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
-        from .ui.app import App
+    bench, settings, app = _use_model(args, COMPLETION_SETTINGS)
+    if app is not None:
         from .ui.completion_loop import run_completion
 
-        app = App(preload=False)
-        return run_completion(bench, app.console, app.prompter, settings=settings)
+        return int(run_completion(bench, app.console, app.prompter, settings=settings,
+                                  on_save=lambda: app.save_flow(bench, ask_first=False)))
     out = _OneLine(sys.stdout)
     lines = [args.prompt] if args.prompt is not None else _input_lines(sys.stdin)
     for line in lines:

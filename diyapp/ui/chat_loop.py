@@ -130,6 +130,23 @@ def stream_answer(session: "ChatSession", message: str, out: TextIO, seed: int |
     return session.reply(message, on_text=write, seed=seed)
 
 
+def next_line(prompter: Prompter, console: Console, prompt: str) -> str | int:
+    """The next line typed at ``prompt``, made readable (a note says when it was not UTF-8), or
+    the exit code when the person ends there: 0 for Ctrl-D, 130 for Ctrl-C."""
+    try:
+        line = prompter.chat_line(prompt)
+    except KeyboardInterrupt:
+        console.print(Text("\n再见 bye (Ctrl-C)", style="dim"))
+        return 130
+    except EOFError:
+        console.print(Text("\n再见 bye", style="dim"))
+        return 0
+    line, replaced = readable_line(line)
+    if replaced:
+        console.print(Text(NOT_UTF8, style="yellow"))
+    return line
+
+
 def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
              on_save: Callable[[], None] | None = None, settings: "GenerationConfig | None" = None) -> int | str:
     """Chat until ``exit`` (0), Ctrl-D (0) or Ctrl-C at the prompt (130); returns
@@ -140,17 +157,9 @@ def run_chat(bench: "Workbench", console: Console, prompter: Prompter,
     console.print(Text("开始对话吧！输入 help 查看命令，exit 退出。 Chat away; type help for commands, exit to quit.",
                        style="bold green"))
     while True:
-        try:
-            line = prompter.chat_line(CHAT_PROMPT)
-        except KeyboardInterrupt:
-            console.print(Text("\n再见 bye (Ctrl-C)", style="dim"))
-            return 130
-        except EOFError:
-            console.print(Text("\n再见 bye", style="dim"))
-            return 0
-        line, replaced = readable_line(line)
-        if replaced:
-            console.print(Text(NOT_UTF8, style="yellow"))
+        line = next_line(prompter, console, CHAT_PROMPT)
+        if isinstance(line, int):
+            return line
         if not line.strip():
             continue
         command = parse_command(line)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from rich.console import Console
 from rich.text import Text
 
-from .chat_loop import SWITCH_TO_COMPLETION, apply_settings, parse_command, run_chat, settings_table
+from .chat_loop import SWITCH_TO_COMPLETION, apply_settings, next_line, parse_command, run_chat, settings_table
 from .prompts import Prompter
 
 if TYPE_CHECKING:
@@ -60,14 +60,9 @@ def run_completion(bench: "Workbench", console: Console, prompter: Prompter,
                        "the start of a text and the model continues it; help for commands, exit to quit.",
                        style="bold green"))
     while True:
-        try:
-            line = prompter.chat_line(COMPLETION_PROMPT)
-        except KeyboardInterrupt:
-            console.print(Text("\n再见 bye (Ctrl-C)", style="dim"))
-            return 130
-        except EOFError:
-            console.print(Text("\n再见 bye", style="dim"))
-            return 0
+        line = next_line(prompter, console, COMPLETION_PROMPT)
+        if isinstance(line, int):
+            return line
         if not line.strip():
             continue
         command = _command(line)
