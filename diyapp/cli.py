@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(resumable with `resume`).")
     train.add_argument("--data", metavar="PATH", help="corpus file or folder (.json/.jsonl/.txt); default: bundled data")
     train.add_argument("--preset", default="default", metavar="NAME",
-                       help="model size: default, large or tiny (default: %(default)s, which a large corpus "
-                            "turns into 4 layers)")
+                       help="model size: default, large or tiny (default: %(default)s, adapted to a large corpus "
+                            "by diyapp/recipe.py)")
     for flag, dest, low in (("--hidden-size", "hidden_size", 2), ("--layers", "num_layers", 1),
                             ("--heads", "num_heads", 1), ("--max-seq-len", "max_seq_len", 2),
                             ("--vocab-size", "vocab_size", 1)):

@@ -90,6 +90,7 @@ class StageNeed:
     steps_per_epoch: int
     batch_size: int
     val_rows: int = 0
+    threads: int = 0
 
 
 @dataclass
@@ -105,6 +106,7 @@ class StageAllotment:
     seconds: float
     epochs: float
     recipe_steps: int
+    threads: int = 0
 
     @property
     def shortened(self) -> bool:
@@ -155,7 +157,7 @@ def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
     return StageAllotment(stage=need.stage, steps=steps, batch_size=need.batch_size, step_s=need.step_s,
                           eval_every=eval_every, eval_s=one_eval * evals,
                           seconds=steps * need.step_s + one_eval * evals, epochs=steps / max(1, rows),
-                          recipe_steps=need.recipe_steps)
+                          recipe_steps=need.recipe_steps, threads=need.threads)
 
 
 def allot(needs: Sequence[StageNeed], available_s: float | None) -> list[StageAllotment]:
@@ -198,6 +200,25 @@ def measure_step_seconds(trainer: "Trainer", steps: int = 6, skip: int = 2,
         return max(1e-6, (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)) if len(stamps) > 1 else 1e-3
     intervals = sorted(b - a for a, b in zip(counted, counted[1:]))
     return max(1e-6, intervals[len(intervals) // 2])
+
+
+def fastest_threads(trainer: "Trainer", steps: int = 6) -> tuple[int, float]:
+    """(threads, seconds per step): the stage timed with PyTorch's threads and, on a CPU where it
+    uses several, with one. On a busy machine one thread is often faster: the threads of a
+    parallel kernel wait for each other whenever the system runs another process on one of the
+    cores. One thread is chosen only when it is clearly (10%) faster."""
+    import torch
+
+    many = torch.get_num_threads()
+    seconds = measure_step_seconds(trainer, steps=steps)
+    if trainer.device.type != "cpu" or many == 1:
+        return many, seconds
+    torch.set_num_threads(1)
+    try:
+        one = measure_step_seconds(trainer, steps=steps)
+    finally:
+        torch.set_num_threads(many)
+    return (1, one) if one < 0.9 * seconds else (many, seconds)
 
 
 class BudgetGuard:

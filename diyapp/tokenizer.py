@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 # choice by the user is kept.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 if TYPE_CHECKING:
     from .generation import Utf8Guard
@@ -172,13 +172,17 @@ class DIYTokenizer:
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 6400, min_frequency: int = 2) -> "DIYTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 6400, min_frequency: int = 2,
+              whole_characters: bool = False) -> "DIYTokenizer":
         """Learn a byte-level BPE vocabulary of at most ``vocab_size`` tokens from ``texts``.
 
         On a small corpus the merges run out earlier and the vocabulary is smaller; read the
         real size from :attr:`vocab_size`. A pair must occur ``min_frequency`` times to be merged:
         the default 2 keeps one-off phrases from becoming tokens that the model sees once and
-        can only memorise. Deterministic: the same texts give the same tokenizer.
+        can only memorise. ``whole_characters``: merges never join two non-ASCII characters, so
+        the vocabulary holds (pieces of) single Chinese characters rather than words, and every
+        character seen ``min_frequency`` times gets a token of its own (ASCII words still merge).
+        Deterministic: the same texts give the same tokenizer.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an integer of at least {MIN_VOCAB_SIZE} "
@@ -193,6 +197,10 @@ class DIYTokenizer:
                 raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if whole_characters:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(r"[^\x00-\x7f]"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

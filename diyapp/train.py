@@ -131,15 +131,16 @@ class TrainingError(RuntimeError):
     """Training cannot start (no usable data) or cannot go on."""
 
 
-def build_tokenizer(corpus: Corpus, vocab_size: int = 6400) -> DIYTokenizer:
+def build_tokenizer(corpus: Corpus, vocab_size: int = 6400, whole_characters: bool = False) -> DIYTokenizer:
     """A byte-level BPE trained on the corpus: its documents and its dialogues as the chat
-    template lays them out (role names included, special markers left to the tokenizer)."""
+    template lays them out (role names included, special markers left to the tokenizer).
+    ``whole_characters``: a vocabulary of characters, not words (:meth:`DIYTokenizer.train`)."""
     texts = list(corpus.texts)
     for dialogue in corpus.dialogues:
         texts.extend(f"{m['role']}\n{m['content']}\n" for m in dialogue)
     if not texts:
         raise TrainingError("the corpus is empty: nothing to build a vocabulary from")
-    return DIYTokenizer.train(texts, vocab_size)
+    return DIYTokenizer.train(texts, vocab_size, whole_characters=whole_characters)
 
 
 def new_model(config: DIYConfig, tokenizer: DIYTokenizer) -> DIYForCausalLM:

@@ -226,12 +226,14 @@ class Workbench:
 
 
 def start_new(corpus: "Corpus", model_cfg: DIYConfig, seed: int = 42) -> Workbench:
-    """A fresh model with a vocabulary learned from ``corpus`` (``model_cfg.vocab_size`` at most)."""
+    """A fresh model with a vocabulary learned from ``corpus`` (``model_cfg.vocab_size`` at most;
+    of single characters rather than words for a large corpus, :func:`diyapp.recipe.whole_characters`)."""
     import torch
 
+    from .recipe import text_chars, whole_characters
     from .train import build_tokenizer, new_model
 
-    tokenizer = build_tokenizer(corpus, model_cfg.vocab_size)
+    tokenizer = build_tokenizer(corpus, model_cfg.vocab_size, whole_characters(text_chars(corpus.texts)))
     torch.manual_seed(seed)
     model = new_model(model_cfg, tokenizer)
     return Workbench(model=model, tokenizer=tokenizer, corpus_sources=list(corpus.sources))
@@ -277,7 +279,7 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
     as fit (:func:`diyapp.plan.allot`), and each plan's config records them, so a saved run
     resumes with the same plan. :func:`run_plans` then trains with these trainers.
     """
-    from .plan import RESERVE_FRACTION, BudgetPlan, StageNeed, allot, measure_step_seconds
+    from .plan import RESERVE_FRACTION, BudgetPlan, StageNeed, allot, fastest_threads
     from .train import Trainer, TrainingError, rng_state, set_rng_state
 
     started = clock() if started is None else started
@@ -291,10 +293,10 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
         trainer = Trainer(bench.model, bench.tokenizer, plan.stage, corpus, plan.config)
         if plan.state is not None:
             trainer.load_state_dict(plan.state)
-        step_s = measure_step_seconds(trainer, steps=probe_steps)
+        threads, step_s = fastest_threads(trainer, steps=probe_steps)
         set_rng_state(before)
         needs.append(StageNeed(plan.stage, trainer.total_steps - trainer.step, step_s, trainer.steps_per_epoch,
-                               trainer.config.batch_size, len(trainer.val_rows.ids)))
+                               trainer.config.batch_size, len(trainer.val_rows.ids), threads))
         plan.trainer = trainer
     spent = clock() - started
     available = None if budget_s is None else max(0.0, budget_s * (1 - RESERVE_FRACTION) - spent)
@@ -357,7 +359,7 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
             callbacks.append(_sampler(bench, trainer, prompts, on_samples))
         if trainer.rank == 0:
             trainer.on_event = chain(*callbacks, on_event)
-        result = trainer.run()
+        result = _run_with_threads(trainer, budget.stages[index].threads if budget is not None else 0)
         bench.stage = plan.stage
         bench.steps = bench.steps_before_stage + result.steps
         bench.train_loss = result.train_loss if result.train_loss is not None else bench.train_loss
@@ -369,6 +371,19 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         if after_stage is not None and index + 1 < len(plans):
             after_stage(bench, result)
     return results
+
+
+def _run_with_threads(trainer: "Trainer", threads: int) -> "TrainResult":
+    """``trainer.run()`` with PyTorch using ``threads`` threads (0: as it is), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return trainer.run()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sample_prompts(corpus: "Corpus") -> list[str]:

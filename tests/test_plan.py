@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diyapp import plan as budget_plan
+from diyapp import recipe
 from diyapp import workflow as wf
 from diyapp.plan import BudgetGuard, StageNeed, allot, parse_budget, parse_duration
 from diyapp.train import lr_at
@@ -152,11 +153,23 @@ def test_without_a_budget_the_recipe_adapts_to_a_large_corpus():
     default = wf.model_config("default")
     assert wf.model_for_corpus(default, small) == default
     big = wf.model_for_corpus(default, large)
-    assert big.num_layers == 4 and wf.model_for_corpus(default, large, explicit=["num_layers"]).num_layers == 2
+    assert big == wf.model_config("default", **recipe.LARGE_CORPUS_MODEL)
     assert wf.model_for_corpus(wf.model_config("tiny"), large, "tiny") == wf.model_config("tiny")
     [small_plan], _ = wf.plan_new(small, default, chat_epochs=0)
     [large_plan], _ = wf.plan_new(large, big, chat_epochs=0)
     assert small_plan.config == wf.stage_config("pretrain", default)          # the bundled-size recipe as it was
-    assert large_plan.config.epochs < small_plan.config.epochs and large_plan.config.dropout > 0
+    assert large_plan.config.epochs < small_plan.config.epochs and large_plan.config.val_fraction < 0.05
     [chosen], _ = wf.plan_new(large, big, chat_epochs=0, pretrain_epochs=7)
     assert chosen.config.epochs == 7                                           # the person's choice wins
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs PyTorch on more than one thread")
+@pytest.mark.parametrize("one_thread_s, expected", [(0.5, 1), (0.95, None)])
+def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, one_thread_s, expected):
+    many = torch.get_num_threads()
+    monkeypatch.setattr(budget_plan, "measure_step_seconds",
+                        lambda trainer, steps=6: 1.0 if torch.get_num_threads() > 1 else one_thread_s)
+    trainer = type("T", (), {"device": torch.device("cpu")})()
+    threads, seconds = budget_plan.fastest_threads(trainer)
+    assert (threads, seconds) == ((1, 0.5) if expected == 1 else (many, 1.0))
+    assert torch.get_num_threads() == many                            # put back
