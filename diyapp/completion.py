@@ -26,7 +26,8 @@ _PROMPT_ENDS = "：:，,。.！!？?、；; \n"
 @dataclass
 class Completion:
     """One continuation: its text, how many tokens it took and how fast, whether the model ended
-    the document itself (``finished``) and whether the prompt had to be cut to fit."""
+    the document itself (``finished``), whether the prompt had to be cut to fit, and why it
+    stopped (``stop``: "end", "limit", or "loop" when generation caught itself repeating)."""
 
     prompt: str
     text: str
@@ -34,6 +35,7 @@ class Completion:
     seconds: float
     finished: bool
     truncated_prompt: bool = False
+    stop: str = "end"
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,16 +77,18 @@ def complete(model: DIYForCausalLM, tokenizer: DIYTokenizer, prompt: str,
     started = time.perf_counter()
     out = generate(model, ids, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
                    top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-                   eos_token_id=tokenizer.eos_token_id, seed=seed, on_token=take)
+                   eos_token_id=tokenizer.eos_token_id, seed=seed, on_token=take,
+                   guard=tokenizer.utf8_guard(model.config.vocab_size), stop_loops=True)
     seconds = time.perf_counter() - started
-    tail = decoder.flush()
+    tail = decoder.flush(drop_partial=True)
     if tail:
         pieces.append(tail)
         if on_text is not None:
             on_text(tail)
     finished = settings.max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == tokenizer.eos_token_id
+    stop = "end" if finished else "limit" if count >= settings.max_new_tokens else "loop"
     return Completion(prompt=prompt, text="".join(pieces), tokens=count + (1 if finished else 0), seconds=seconds,
-                      finished=finished, truncated_prompt=truncated)
+                      finished=finished, truncated_prompt=truncated, stop=stop)
 
 
 def sample_prompts(texts: Sequence[str], count: int = 3) -> list[str]:

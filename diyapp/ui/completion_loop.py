@@ -44,7 +44,8 @@ def completion_stats(c: "Completion") -> str:
     parts = [f"{c.tokens} tokens", f"{c.tokens_per_s:.1f} tokens/s"]
     if c.truncated_prompt:
         parts.append("开头太长，只保留了结尾 (text cut to fit)")
-    parts.append("模型结束了这段文本 (end of text)" if c.finished else "达到长度上限 (length limit)")
+    parts.append({"end": "模型结束了这段文本 (end of text)", "limit": "达到长度上限 (length limit)",
+                  "loop": "出现重复，已停止 (stopped a repeating loop)"}.get(c.stop, c.stop))
     return " · ".join(parts)
 
 
