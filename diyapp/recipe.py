@@ -29,9 +29,12 @@ NO_BUDGET_PRETRAIN_CHARS = 5_000_000
 #: The model for a large corpus. In a budget of minutes on a CPU the model is far from trained
 #: (a few tokens per parameter), where a smaller model that reads more text wins: at the same
 #: number of tokens 4 layers scored 0.13 bits/char better than 2, but took twice as long.
-LARGE_CORPUS_MODEL = {"num_layers": 2, "hidden_size": 256, "num_heads": 4, "max_seq_len": 128, "vocab_size": 6400}
-#: A large corpus gets a vocabulary of characters, not words.
-LARGE_CORPUS_WHOLE_CHARACTERS = False
+#: The vocabulary: single characters, not words (whole_characters below), each character seen
+#: twice its own token; 8,000 is a cap that a ~6,000-character corpus does not reach (about 5,750).
+LARGE_CORPUS_MODEL = {"num_layers": 2, "hidden_size": 256, "num_heads": 4, "max_seq_len": 128, "vocab_size": 8000}
+#: A large corpus gets a vocabulary of characters, not words: a word token is one more thing to
+#: learn from the few times it occurs, while its characters' statistics are shared.
+LARGE_CORPUS_WHOLE_CHARACTERS = True
 #: Pretraining settings for a large corpus (the rest as in the engine's recipe).
 LARGE_CORPUS_PRETRAIN = {"batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "dropout": 0.0, "weight_decay": 0.1,
                          "val_fraction": 0.02}

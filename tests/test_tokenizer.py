@@ -328,3 +328,19 @@ def test_import_does_not_pull_in_torch():
     code = "import sys, diyapp.tokenizer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_whole_character_vocabulary_never_joins_two_chinese_characters():
+    from diyapp.tokenizer import DIYTokenizer
+
+    texts = ["春天来了，花儿开了。春天来了，花儿开了。", "hello hello world world"] * 5
+    tok = DIYTokenizer.train(texts, vocab_size=400, whole_characters=True)
+    pieces = [tok.token_text(i) for i in range(3, tok.vocab_size)]
+    assert "春" in pieces and "花" in pieces                     # characters seen twice get a token
+    assert not any(sum(1 for ch in p if ord(ch) > 127) > 1 for p in pieces)
+    assert "hello" in pieces or " hello" in pieces              # ASCII words still merge
+    text = "春天来了，花儿开了。Hello 世界"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("春天来了")) == 4
+    words = DIYTokenizer.train(texts, vocab_size=400)
+    assert len(words.encode("春天来了")) < 4                     # the default merges words
