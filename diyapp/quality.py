@@ -95,10 +95,10 @@ def verdict(val_bpc: float | None, best_bpc: float | None, frequency_bpc: float 
         return None
     best = val_bpc if best_bpc is None else min(best_bpc, val_bpc)
     if frequency_bpc is not None and best >= frequency_bpc:
-        return (f"文本太少，模型只记住了训练文本，没有学会这门语言：在没见过的文本上不比只统计字频强"
-                f"（{best:.2f} 对 {frequency_bpc:.2f} bits/char）。 The text is too small to generalise: on "
-                f"held-out text the model does no better than counting character frequencies "
-                f"({best:.2f} vs {frequency_bpc:.2f} bits/char).")
+        return (f"模型没有学会这门语言（文本太少或训练太短）：在没见过的文本上不比只统计字频强"
+                f"（{best:.2f} 对 {frequency_bpc:.2f} bits/char）。 The text is too small to generalise (or the "
+                f"training too short): on held-out text the model does no better than counting character "
+                f"frequencies ({best:.2f} vs {frequency_bpc:.2f} bits/char).")
     line = f"验证 held-out: {val_bpc:.3f} bits/char"
     if best < val_bpc - 0.01:
         line += f" (best {best:.3f}: it began to memorise the training text)"
