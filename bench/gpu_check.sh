@@ -9,7 +9,7 @@
 #    pretraining then chat tuning, the hit rate on the bundled questions),
 # 3. bf16 training throughput and MFU for shape C and a larger shape L, cached generation at batch 1,
 #    and the device's logits checked against the CPU's (bench/gpu_speed.py).
-# Each step has its own time limit; the figures go to bench/results/ and the log to bench/results/gpu_check.log.
+# Each step has its own time limit (180 + 180 + 100 s: under 8 minutes in all); the figures go to bench/results/ and the log to bench/results/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,8 +37,8 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
       f"bf16 {torch.cuda.is_bf16_supported()}")
 PY
 
-step "test suite" 200 python -m pytest -q -x -p no:cacheprovider
-step "default recipe, both stages" 150 python bench/bench_train.py --part recipe --out bench/results/gpu_train.json
-step "bf16 throughput + MFU (C, L), cached generation" 120 python bench/gpu_speed.py --out bench/results/gpu_speed.json
+step "test suite" 180 python -m pytest -q -x -p no:cacheprovider
+step "default recipe, both stages" 180 python bench/bench_train.py --part recipe --out bench/results/gpu_train.json
+step "bf16 throughput + MFU (C, L), cached generation" 100 python bench/gpu_speed.py --out bench/results/gpu_speed.json
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) in $SECONDS s (log: $log)" | tee -a "$log"
 exit $status
