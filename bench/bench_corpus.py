@@ -75,7 +75,8 @@ def train(train_docs: list[str], budget: str, folder: Path, extra: list[str]) ->
         raise SystemExit(f"training failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return {"command": " ".join(cmd), "wall_s": round(wall, 1), "cpu_s": round(ours, 1),
             "others_cpu_share": round(others / capacity, 3) if capacity else None,
-            "model": str(model), "log": run.stderr.splitlines()[-60:] + run.stdout.splitlines()}
+            "model": str(model), "plan": [l for l in run.stderr.splitlines() if l.startswith(("训练计划", "  "))][:6],
+            "log": run.stderr.splitlines()[-60:] + run.stdout.splitlines()}
 
 
 def main() -> None:
@@ -115,8 +116,7 @@ def main() -> None:
             model_path = Path(run["model"])
             run.update(budget_s=budget_s, wall_vs_budget=round(run["wall_s"] / budget_s, 3))
             result["train"] = run
-            print("\n".join(line for line in run["log"] if "plan" in line or "ETA" in line or "steps ×" in line
-                            or "trained:" in line or "held-out" in line))
+            print("\n".join(run["plan"] + [line for line in run["log"] if "trained:" in line or "held-out" in line]))
             print(f"wall time {run['wall_s']} s for a budget of {budget_s:.0f} s ({run['wall_vs_budget']:.1%}); "
                   f"others' CPU share meanwhile {run['others_cpu_share']:.0%}", flush=True)
         loaded = open_model(model_path, device=None)

@@ -222,10 +222,11 @@ def fastest_threads(trainer: "Trainer", steps: int = 6) -> tuple[int, float]:
 
 
 class BudgetGuard:
-    """Keeps a running stage on time: every few steps it projects the stage's end from the pace so
-    far (evaluations included) and, when that misses ``deadline`` by more than ``tolerance`` of
+    """Keeps a running stage on time: every few steps it projects the stage's end from the recent
+    pace (the last quarter of the steps done, so a machine that gets busier or quieter shows
+    soon; evaluations included) and, when that misses ``deadline`` by more than ``tolerance`` of
     the stage's time, moves the stage's last step so it ends on time. The schedule is laid over
-    the new step count, so it still completes. Growing is allowed only in the first 70% of the
+    the new step count, so it still completes. Growing is allowed only in the first 85% of the
     stage (late in the decay a longer schedule would raise the learning rate again).
 
     Call it with every :class:`TrainEvent` of the stage (pass it as, or chain it into, ``on_event``).
@@ -241,11 +242,13 @@ class BudgetGuard:
         self.started: float | None = None
         self.start_step = 0
         self.adjustments: list[tuple[int, int]] = []
+        self._marks: list[tuple[int, float]] = []
 
     def __call__(self, event: "TrainEvent") -> None:
         if event.kind == "start":
             self.started = self.clock()
             self.start_step = self.trainer.step
+            self._marks = [(self.start_step, self.started)]
             return
         if event.kind != "step" or self.started is None:
             return
@@ -255,7 +258,11 @@ class BudgetGuard:
         if done < 10 or done % check_every or self.trainer.step >= total:
             return
         now = self.clock()
-        pace = (now - self.started) / done
+        step = self.trainer.step
+        self._marks.append((step, now))
+        since = step - max(10, done // 4)
+        first_step, first_time = next(m for m in self._marks if m[0] >= since or m is self._marks[-2])
+        pace = (now - first_time) / max(1, step - first_step)
         left = self.deadline - now
         span = max(1e-9, self.deadline - self.started)
         projected = (total - self.trainer.step) * pace
@@ -264,7 +271,7 @@ class BudgetGuard:
         target = self.trainer.step + max(1, math.floor(left / pace))
         if self.max_steps is not None:
             target = min(target, self.max_steps)
-        if target > total and self.trainer.step > 0.7 * total:
+        if target > total and self.trainer.step > 0.85 * total:
             return
         if target != total:
             self.adjustments.append((self.trainer.step, target))

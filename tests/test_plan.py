@@ -93,12 +93,14 @@ class FakeTrainer:
         self.total_steps = max(self.step + 1, total)
 
 
-def _drive(guard: BudgetGuard, trainer: FakeTrainer, clock: list[float], step_s: float) -> None:
+def _drive(guard: BudgetGuard, trainer: FakeTrainer, clock: list[float], step_s: float,
+           later_s: float | None = None) -> None:
+    """Steps of ``step_s`` seconds (``later_s`` from step 50 on: the machine's load changed)."""
     from diyapp.train import TrainEvent
 
     guard(TrainEvent("start", "pretrain", trainer.step, trainer.total_steps))
     while trainer.step < trainer.total_steps:
-        clock[0] += step_s
+        clock[0] += step_s if later_s is None or trainer.step < 50 else later_s
         trainer.step += 1
         guard(TrainEvent("step", "pretrain", trainer.step, trainer.total_steps))
 
@@ -113,6 +115,15 @@ def test_the_guard_keeps_a_slower_or_faster_machine_on_time(step_s):
     assert guard.adjustments
     assert 94.0 <= clock[0] <= 103.0
     assert trainer.step == trainer.total_steps
+
+
+@pytest.mark.parametrize("later_s", [0.5, 1.6])
+def test_the_guard_follows_a_machine_whose_load_changes_midway(later_s):
+    clock = [0.0]
+    trainer = FakeTrainer(100)
+    guard = BudgetGuard(trainer, deadline=100.0, clock=lambda: clock[0], max_steps=1000)
+    _drive(guard, trainer, clock, 1.0, later_s)
+    assert 94.0 <= clock[0] <= 103.0 and trainer.step == trainer.total_steps
 
 
 def test_the_guard_leaves_an_on_time_run_alone():
