@@ -1,4 +1,8 @@
-"""Trains a tiny model for a few steps and saves the weights: run plainly or under torchrun."""
+"""Trains a tiny model for a few steps and saves the weights: run plainly or under torchrun.
+
+Every process also saves the training rows it computed the loss on, step by step, to
+``OUT.rank<N>.rows`` (each row as its unpadded token ids), so a test can see how the data was split.
+"""
 
 import sys
 
@@ -21,9 +25,26 @@ def setup():
     return corpus, tokenizer, model, config
 
 
+def record_rows(model) -> list[list[list[int]]]:
+    """The rows of every loss call (one list per micro-batch), as the model is asked for them."""
+    seen: list[list[list[int]]] = []
+    real = model.compute_loss
+
+    def recording(input_ids, *args, seq_lengths=None, **kwargs):
+        lengths = seq_lengths.tolist() if seq_lengths is not None else [input_ids.shape[1]] * input_ids.shape[0]
+        seen.append([row[:n] for row, n in zip(input_ids.tolist(), lengths)])
+        return real(input_ids, *args, seq_lengths=seq_lengths, **kwargs)
+
+    model.compute_loss = recording
+    return seen
+
+
 def main(out: str) -> None:
     corpus, tokenizer, model, config = setup()
+    seen = record_rows(model)
     result = Trainer(model, tokenizer, "chat", corpus, config).run()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.save({"rows": seen}, f"{out}.rank{rank}.rows")
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         torch.save({"steps": result.steps, "loss": result.train_loss, "weights": model.state_dict()}, out)
     if torch.distributed.is_initialized():
