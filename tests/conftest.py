@@ -72,3 +72,65 @@ def write_unreadable(kind, path):
     elif kind == "random":
         path.write_bytes(bytes(range(256)) * 16)
     return kind in ("missing", "empty", "random")
+
+
+class _FailingFile:
+    """A file opened for writing that takes ``limit`` bytes, then fails like a full disk."""
+
+    def __init__(self, f, limit: int) -> None:
+        self._f, self._left = f, limit
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._left:
+            self._f.write(memoryview(data).cast("B")[: self._left])
+            self._f.flush()
+            self._left = 0
+            raise OSError(28, "No space left on device (injected by the test)")
+        self._left -= size
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._f.__exit__(*exc)
+
+
+def fail_writes(monkeypatch, name_part: str, after_bytes: int) -> None:
+    """Every file whose path contains ``name_part`` that is opened for writing from now on (by
+    ``open``, ``io.open`` or ``os.fdopen``, so a write in place or to a temporary file alike) takes
+    ``after_bytes`` bytes and then raises ``OSError(ENOSPC)``: a failure in the middle of a write."""
+    import builtins
+    import io
+    import os
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def writing(mode) -> bool:
+        return any(c in str(mode) for c in "wax+")
+
+    def wrapped_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        hit = not isinstance(file, int) and name_part in os.fspath(file)
+        return _FailingFile(f, after_bytes) if writing(mode) and hit else f
+
+    def wrapped_fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        try:
+            hit = name_part in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            hit = False
+        return _FailingFile(f, after_bytes) if writing(mode) and hit else f
+
+    monkeypatch.setattr(builtins, "open", wrapped_open)
+    monkeypatch.setattr(io, "open", wrapped_open)
+    monkeypatch.setattr(os, "fdopen", wrapped_fdopen)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden and temporary ones included) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -3,6 +3,7 @@ template agree with ours; our own loader reads it back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
 from diyapp.checkpoint import CheckpointError, describe_checkpoint, list_checkpoints, load_checkpoint
 from diyapp.hf_export import export_hf, load_model_hf
+
+from .conftest import fail_writes, folder_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,19 +45,41 @@ def make_model(tokenizer, **overrides):
     return model
 
 
+#: How close the logits of transformers must come to ours. Float32 rounding puts them about 1e-7
+#: apart; a mistake in the attention (rotary pairing, head order, grouped key/value heads) moves them
+#: by what the attention pattern contributes, which the test first checks is over 1000x this.
+LOGIT_TOLERANCE = 1e-5
+
+
+def sharp_attention(model):
+    """Query/key/value weights scaled 8x: at initialisation the attention is nearly uniform, so
+    where each position looks (and the rotary positions that steer it) barely reaches the logits."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(8.0)
+    return model
+
+
 @pytest.mark.parametrize("overrides", [{}, {"num_kv_heads": 2, "tie_word_embeddings": False, "rope_theta": 500.0,
                                             "rms_norm_eps": 1e-6}])
 def test_transformers_loads_it_with_the_same_logits(tmp_path, tokenizer, overrides):
-    model = make_model(tokenizer, **overrides)
+    model = sharp_attention(make_model(tokenizer, **overrides))
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    # The attention pattern matters here: other rotary frequencies on the same weights move the
+    # logits by far more than the tolerance (at random initialisation, by about 1e-4).
+    shifted = DIYForCausalLM(dataclasses.replace(model.config, rope_theta=model.config.rope_theta * 4)).eval()
+    shifted.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours = model(ids)
+        assert (ours - shifted(ids)).abs().max() > 1000 * LOGIT_TOLERANCE
     folder = export_hf(tmp_path / "hf", model, tokenizer, metadata={"stage": "chat"})
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"} <= names
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     assert type(hf).__name__ == "LlamaForCausalLM"
-    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(hf(input_ids=ids).logits, model(ids), atol=1e-5)
+        assert (hf(input_ids=ids).logits - ours).abs().max() < LOGIT_TOLERANCE
 
 
 def test_tokenizer_and_chat_template_agree(tmp_path, tokenizer):
@@ -96,6 +121,23 @@ def test_non_finite_weights_are_refused(tmp_path, tokenizer):
         model.model.norm.weight[0] = float("nan")
     with pytest.raises(CheckpointError, match="model.norm.weight holds non-finite"):
         export_hf(tmp_path / "hf", model, tokenizer)
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_weights(tmp_path, tokenizer, monkeypatch):
+    """The disk fills up halfway through the weights of a new export over an old folder: every old
+    file is still there byte for byte, and no partial file is left beside them or in their place.
+    (Each file is replaced whole; the folder as a whole is not swapped at once.)"""
+    model = make_model(tokenizer)
+    folder = export_hf(tmp_path / "hf", model, tokenizer, metadata={"stage": "pretrain"})
+    before = folder_bytes(folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+    fail_writes(monkeypatch, "safetensors", after_bytes=len(before["model.safetensors"]) // 2)
+    with pytest.raises(CheckpointError, match="No space left"):
+        export_hf(folder, model, tokenizer, metadata={"stage": "chat"})
+    monkeypatch.undo()
+    assert folder_bytes(folder) == before
+    assert load_model_hf(folder).metadata["stage"] == "pretrain"
 
 
 def test_truncated_weights_are_reported(tmp_path, tokenizer):

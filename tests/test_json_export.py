@@ -14,7 +14,8 @@ from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
 from diyapp.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint
 from diyapp.json_export import load_model_json, save_model_json
 
-from .conftest import REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, make_model, write_unreadable
+from .conftest import (REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, fail_writes, folder_bytes, make_model,
+                       write_unreadable)
 
 
 
@@ -238,8 +239,35 @@ def test_numpy_reader_tokenizes_like_the_tokenizer(tmp_path, model, tokenizer, r
         assert top == int(model(torch.tensor([chat[:0] + bpe.encode_chat_prompt("夏天")]))[0, -1].argmax())
 
 
-def test_no_trace_of_non_finite_in_file(tmp_path, model, tokenizer):
-    path = save_model_json(tmp_path / "m.json", model, tokenizer)
-    text = path.read_text(encoding="utf-8")
-    assert "null" not in text.split('"tensors":', 1)[1] and "NaN" not in text and "Infinity" not in text
-    assert all(math.isfinite(x) for spec in json.loads(text)["tensors"].values() for x in spec["data"])
+def test_non_finite_training_numbers_leave_no_nan_in_the_file(tmp_path, model, tokenizer):
+    """JSON has no NaN or Infinity. Where the training record holds them (a diverged loss in the
+    metadata, an infinite best loss in the train state) the file is still strict JSON, and they
+    read back as they were (tagged, in the train state) or as null (in the metadata)."""
+    inf = float("inf")
+    state = {"best_val_loss": inf, "last_loss": float("nan"), "loss_history": [[1, -inf], [2, 1.5]]}
+    path = save_model_json(tmp_path / "m.json", model, tokenizer, include_optimizer=True, train_state=state,
+                           metadata={"train_loss": float("nan"), "val_loss": inf})
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)  # NaN, Infinity refused
+    assert doc["metadata"]["train_loss"] is None and doc["metadata"]["val_loss"] is None
+    loaded = load_model_json(path).train_state
+    assert loaded["best_val_loss"] == inf and math.isnan(loaded["last_loss"])
+    assert loaded["loss_history"] == [[1, -inf], [2, 1.5]]
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_export(tmp_path, model, tokenizer, monkeypatch):
+    """The disk fills up halfway through writing a new export over an old one: the old file is
+    still there, byte for byte, and no partial file is left beside it or in its place."""
+    path = save_model_json(tmp_path / "m.json", model, tokenizer, metadata={"stage": "pretrain"})
+    before = folder_bytes(tmp_path)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2)
+    fail_writes(monkeypatch, "m.json", after_bytes=len(before["m.json"]) // 2)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_model_json(path, model, tokenizer, metadata={"stage": "chat"})
+    monkeypatch.undo()
+    assert folder_bytes(tmp_path) == before
+    assert load_model_json(path).metadata["stage"] == "pretrain"
