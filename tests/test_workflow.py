@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,11 +49,31 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def tiny_plans(corpus, pretrain=2, chat=3, **extra):
+def tiny_plans(corpus, pretrain=2, chat=3, dropout=None, **extra):
+    """The tiny model's config and stage plans; ``dropout`` overrides the recipe's (which is off)."""
     config = wf.model_config("custom", **TINY)
     plans, notes = wf.plan_new(corpus, config, pretrain_epochs=pretrain, chat_epochs=chat, seed=7, batch_size=4,
                                **extra)
+    if dropout is not None:
+        for plan in plans:
+            plan.config = dataclasses.replace(plan.config, dropout=dropout)
     return config, plans, notes
+
+
+def assert_same_weights(expected, path):
+    """The model saved at ``path`` has exactly (bit for bit) the weights of ``expected``."""
+    got = wf.open_model(path).model.state_dict()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(tensor.cpu(), got[name].cpu()), name
+
+
+def resume_with_the_cli(source, target):
+    """``python main.py resume`` (in this process), after scrambling the random state: an exact
+    resume must restore it from the checkpoint."""
+    from diyapp.cli import main
+
+    torch.manual_seed(12345)
+    assert main(["resume", "--model", str(source), "--save", str(target)]) == 0
 
 
 def test_sizes_and_custom_fields():
@@ -86,7 +107,7 @@ def test_plan_new_skips_stages_without_data_or_epochs(corpus):
 
 
 def test_train_both_stages_save_both_formats_and_list(corpus, in_tmp):
-    config, plans, _ = tiny_plans(corpus)
+    config, plans, _ = tiny_plans(corpus, dropout=0.2)  # dropout draws random numbers: resume must restore them
     bench = wf.start_new(corpus, config, seed=1)
     seen_events, after = [], []
     results = wf.run_plans(bench, plans, corpus, on_event=seen_events.append,
@@ -115,13 +136,17 @@ def test_train_both_stages_save_both_formats_and_list(corpus, in_tmp):
     for name, tensor in bench.model.state_dict().items():
         assert torch.allclose(tensor.cpu(), loaded.model.state_dict()[name], atol=1e-6)
 
-    # Resuming the pretraining checkpoint runs the pending chat stage exactly as the straight run did.
+    # Resuming the pretraining checkpoint runs the pending chat stage exactly as the straight run
+    # did (same dropout masks), through the workflow and through the CLI.
+    torch.manual_seed(12345)
     resumed, corpus2, plans2 = wf.prepare_resume(wf.open_model(wf.DEFAULT_PRETRAINED), wf.DEFAULT_PRETRAINED)
-    assert [(p.stage, p.state is None, p.rng is not None) for p in plans2] == [("chat", True, True)]
+    assert [(p.stage, p.state is None, p.rng is not None, p.config.dropout) for p in plans2] == \
+        [("chat", True, True, 0.2)]
     wf.run_plans(resumed, plans2, corpus2)
     assert resumed.steps == bench.steps
-    for name, tensor in bench.model.state_dict().items():
-        assert torch.allclose(tensor.cpu(), resumed.model.state_dict()[name].cpu(), atol=1e-6), name
+    assert_same_weights(resumed.model, pt.path)
+    resume_with_the_cli(wf.DEFAULT_PRETRAINED, "checkpoints/cli_resumed.pt")
+    assert_same_weights(bench.model, "checkpoints/cli_resumed.pt")
 
 
 def _params(model):
@@ -129,12 +154,13 @@ def _params(model):
 
 
 def test_interrupted_run_resumes_exactly_through_a_saved_file(corpus, in_tmp):
-    """Stop mid-pretraining, save, load, resume: the weights equal an uninterrupted run's."""
-    config, plans, _ = tiny_plans(corpus, pretrain=3, chat=2)
+    """Stop mid-pretraining, save, load, resume (workflow and CLI): the weights are bit for bit an
+    uninterrupted run's, dropout on, so the dropout masks after the resume must be the same too."""
+    config, plans, _ = tiny_plans(corpus, pretrain=3, chat=2, dropout=0.2)
     straight = wf.start_new(corpus, config, seed=3)
     wf.run_plans(straight, plans, corpus)
 
-    config, plans, _ = tiny_plans(corpus, pretrain=3, chat=2)
+    config, plans, _ = tiny_plans(corpus, pretrain=3, chat=2, dropout=0.2)
     bench = wf.start_new(corpus, config, seed=3)
     trainers = []
 
@@ -148,13 +174,16 @@ def test_interrupted_run_resumes_exactly_through_a_saved_file(corpus, in_tmp):
     assert wf.is_resumable(state) and state["pending_stages"][0]["stage"] == "chat"
     saved = wf.save(bench, "checkpoints/partial.pt", "pt")
 
+    torch.manual_seed(12345)  # whatever ran in between must not matter
     resumed, corpus2, plans2 = wf.prepare_resume(wf.open_model(saved.path), saved.path)
     assert [p.stage for p in plans2] == ["pretrain", "chat"] and plans2[0].state is not None
     results2 = wf.run_plans(resumed, plans2, corpus2)
     assert [r.status for r in results2] == ["completed", "completed"]
     assert resumed.steps == straight.steps
     for name, tensor in _params(straight.model).items():
-        assert torch.allclose(tensor, resumed.model.state_dict()[name].cpu(), atol=1e-6), name
+        assert torch.equal(tensor, resumed.model.state_dict()[name].cpu()), name
+    resume_with_the_cli(saved.path, "checkpoints/cli_resumed.pt")
+    assert_same_weights(straight.model, "checkpoints/cli_resumed.pt")
     assert not wf.is_resumable(wf.train_state(resumed))
     with pytest.raises(ValueError, match="no unfinished training"):
         wf.prepare_resume(wf.open_model(wf.save(resumed, "checkpoints/done.pt", "pt").path))
