@@ -13,6 +13,13 @@ SHARED = REPO.parent / "shared"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _same_random_numbers_in_any_order():
+    """Every test starts from the same torch random state, whichever tests ran before it
+    (pytest-randomly reseeds ``random`` and NumPy, not torch)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def tiny_config():
     from diyapp import DIYConfig

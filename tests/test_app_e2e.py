@@ -1,8 +1,9 @@
 """The guided session end to end, through a real pseudo-terminal (pexpect), with a tiny model.
 
-The runs share one working directory and build on each other: train and save, load and chat,
-load and continue training, resume from the pretraining checkpoint; then the rude cases: bad
-answers, Ctrl-C during training, Ctrl-C during an answer, Ctrl-D and Ctrl-C at the chat prompt.
+The first run trains and saves once (a module fixture); every later run works in its own copy of
+that folder, so the tests pass in any order: load and chat, load and continue training, resume
+from the pretraining checkpoint; then the rude cases: bad answers, Ctrl-C during training, Ctrl-C
+during an answer, Ctrl-D and Ctrl-C at the chat prompt.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -117,39 +119,55 @@ def _no_stray_processes():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def first_run(tmp_path_factory):
+    """A first run in an empty folder holding only a corpus: train, save both formats, chat, save
+    again. Returns (folder, exit status, screen)."""
     folder = tmp_path_factory.mktemp("app")
     write_corpus(folder)
+    term = Terminal(folder)
+    try:
+        term.wait("还没有找到保存的模型")
+        custom_tiny_model(term, pretrain_epochs="1", chat_epochs="2")
+        term.answer("保存预训练检查点", "\r")
+        term.answer("保存到", "\r")
+        term.wait("已保存到 saved to checkpoints/model_pretrained.pt")
+        term.wait("训练结果")
+        term.wait("step")                                  # the loss chart's axis label
+        term.answer("保存当前模型", "\r")
+        term.answer("保存格式", "3\r")
+        term.answer(r"保存到 save to \(pt\)", "\r")
+        term.answer(r"保存到 save to \(json\)", "\r")
+        term.wait("exports/model_final.json")
+        term.answer(CHAT, "你好\r")
+        term.wait("🤖 助手:")
+        term.wait(r"\d+ tokens · [\d.]+ tokens/s")
+        term.answer(CHAT, "save\r")
+        term.answer("保存格式", "\r")
+        term.answer("保存到", "\r")
+        term.answer("已存在，覆盖吗", "y\r")
+        term.wait("已保存到")
+        term.answer(CHAT, "exit\r")
+        status = term.finish()
+    finally:
+        if term.child.isalive():
+            term.child.terminate(force=True)
+    return folder, status, term.screen
+
+
+@pytest.fixture
+def workdir(first_run, tmp_path):
+    """This test's own copy of the first run's folder."""
+    folder = tmp_path / "app"
+    shutil.copytree(first_run[0], folder)
     return folder
 
 
-def test_1_first_run_trains_saves_and_chats(workdir):
-    term = Terminal(workdir)
-    term.wait("还没有找到保存的模型")
-    custom_tiny_model(term, pretrain_epochs="1", chat_epochs="2")
-    term.answer("保存预训练检查点", "\r")
-    term.answer("保存到", "\r")
-    term.wait("已保存到 saved to checkpoints/model_pretrained.pt")
-    term.wait("训练结果")
-    term.wait("step")                                  # the loss chart's axis label
-    term.answer("保存当前模型", "\r")
-    term.answer("保存格式", "3\r")
-    term.answer(r"保存到 save to \(pt\)", "\r")
-    term.answer(r"保存到 save to \(json\)", "\r")
-    term.wait("exports/model_final.json")
-    term.answer(CHAT, "你好\r")
-    term.wait("🤖 助手:")
-    term.wait(r"\d+ tokens · [\d.]+ tokens/s")
-    term.answer(CHAT, "save\r")
-    term.answer("保存格式", "\r")
-    term.answer("保存到", "\r")
-    term.answer("已存在，覆盖吗", "y\r")
-    term.wait("已保存到")
-    term.answer(CHAT, "exit\r")
-    assert term.finish() == 0
+def test_1_first_run_trains_saves_and_chats(first_run):
+    folder, status, screen = first_run
+    assert status == 0
     for name in ("checkpoints/model_pretrained.pt", "checkpoints/model_final.pt", "exports/model_final.json"):
-        assert (workdir / name).is_file(), name
-    assert "Traceback" not in term.screen
+        assert (folder / name).is_file(), name
+    assert "Traceback" not in screen
 
 
 def test_2_second_run_lists_loads_and_chats(workdir):
@@ -219,7 +237,7 @@ def test_4_resume_from_the_pretraining_checkpoint_is_exact(workdir):
     straight = load_model_binary(workdir / "checkpoints/model_final.pt").model.state_dict()
     resumed = load_model_binary(workdir / "checkpoints/resumed.pt").model.state_dict()
     for name, tensor in straight.items():
-        assert torch.allclose(tensor, resumed[name], atol=1e-6), name
+        assert torch.equal(tensor, resumed[name]), name
 
 
 def test_5_ctrl_c_during_training_keeps_what_was_learned(workdir):
