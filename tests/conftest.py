@@ -141,3 +141,17 @@ def fail_writes(monkeypatch, name_part: str, after_bytes: int) -> None:
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (hidden and temporary ones included) by relative path."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_write_failing_midway_changes_nothing(monkeypatch, folder: Path, name: str, write) -> None:
+    """``write()`` over the existing file ``folder/name`` fails when the disk fills up halfway
+    through it (one clear CheckpointError), and leaves every file in ``folder`` byte for byte as
+    it was, with no partial or temporary file beside them."""
+    from diyapp.checkpoint import CheckpointError
+
+    before = folder_bytes(folder)
+    with monkeypatch.context() as patch:
+        fail_writes(patch, name, after_bytes=len(before[name]) // 2)
+        with pytest.raises(CheckpointError, match="No space left"):
+            write()
+    assert folder_bytes(folder) == before

@@ -14,8 +14,8 @@ from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
 from diyapp.checkpoint import CheckpointError, describe_checkpoint, load_checkpoint
 from diyapp.json_export import load_model_json, save_model_json
 
-from .conftest import (REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, fail_writes, folder_bytes, make_model,
-                       write_unreadable)
+from .conftest import (REPO, SMALL_TEXTS as TEXTS, assert_one_line_error, assert_write_failing_midway_changes_nothing,
+                       make_model, write_unreadable)
 
 
 
@@ -262,12 +262,8 @@ def test_a_write_that_fails_midway_leaves_the_previous_export(tmp_path, model, t
     """The disk fills up halfway through writing a new export over an old one: the old file is
     still there, byte for byte, and no partial file is left beside it or in its place."""
     path = save_model_json(tmp_path / "m.json", model, tokenizer, metadata={"stage": "pretrain"})
-    before = folder_bytes(tmp_path)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(2)
-    fail_writes(monkeypatch, "m.json", after_bytes=len(before["m.json"]) // 2)
-    with pytest.raises(CheckpointError, match="No space left"):
-        save_model_json(path, model, tokenizer, metadata={"stage": "chat"})
-    monkeypatch.undo()
-    assert folder_bytes(tmp_path) == before
+    assert_write_failing_midway_changes_nothing(
+        monkeypatch, tmp_path, "m.json", lambda: save_model_json(path, model, tokenizer, metadata={"stage": "chat"}))
     assert load_model_json(path).metadata["stage"] == "pretrain"
