@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -185,34 +185,59 @@ def _load_file(path: Path, in_folder: bool) -> Corpus:
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r} "
                         f"(expected .json, .jsonl or .txt, or a folder of them)", str(path))
-    text = _read_text(path)
     if suffix == ".txt":
-        docs = [line.strip() for line in text.split("\n")]
-        corpus = Corpus(texts=[d for d in docs if d])
+        corpus = Corpus(texts=[doc for _, line in _read_lines(path) if (doc := line.strip())])
     elif suffix == ".jsonl":
-        corpus = _parse_jsonl(path, text)
+        corpus = _parse_jsonl(path, _read_lines(path))
     else:
-        corpus = _parse_json(path, text, in_folder)
+        corpus = _parse_json(path, _read_text(path), in_folder)
     if corpus.is_empty:
         raise DataError(f"{path}: no data found (the file is empty)", str(path))
     corpus.sources = [str(path)]
     return corpus
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _read_text(path: Path) -> str:
+    """The whole file as text (a .json array is parsed whole)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})", str(path)) from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
+    skipped = 3 if raw.startswith(_BOM) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[skipped:].decode("utf-8") if skipped else raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        hint = " (it looks like UTF-16)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{path}: not UTF-8 text{hint}: byte 0x{raw[err.start]:02X} at line {line} "
-                        f"(byte offset {err.start}); save the file as UTF-8", str(path)) from None
+        raise _not_utf8(path, raw[skipped:], err, raw.count(b"\n", 0, skipped + err.start) + 1,
+                        skipped + err.start) from None
+
+
+def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a UTF-8 file, read a line at a time (a .txt or .jsonl
+    corpus is never held whole as bytes and text at once), without its "\\n"."""
+    offset = 0
+    try:
+        with path.open("rb") as stream:
+            for number, raw in enumerate(stream, 1):
+                size = len(raw)
+                skipped = 3 if number == 1 and raw.startswith(_BOM) else 0
+                end = size - 1 if raw.endswith(b"\n") else size
+                line = memoryview(raw)[skipped:end]  # no copy of a long line
+                try:
+                    yield number, str(line, "utf-8")
+                except UnicodeDecodeError as err:
+                    raise _not_utf8(path, line, err, number, offset + skipped + err.start) from None
+                offset += size
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})", str(path)) from None
+
+
+def _not_utf8(path: Path, raw: bytes | memoryview, err: UnicodeDecodeError, line: int, offset: int) -> DataError:
+    hint = " (it looks like UTF-16)" if offset == err.start and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return DataError(f"{path}: not UTF-8 text{hint}: byte 0x{raw[err.start]:02X} at line {line} "
+                     f"(byte offset {offset}); save the file as UTF-8", str(path))
 
 
 def _parse_json(path: Path, text: str, in_folder: bool) -> Corpus:
@@ -243,10 +268,10 @@ def _parse_json(path: Path, text: str, in_folder: bool) -> Corpus:
     return _parse_values(path, data, where)
 
 
-def _parse_jsonl(path: Path, text: str) -> Corpus:
+def _parse_jsonl(path: Path, numbered_lines: Iterator[tuple[int, str]]) -> Corpus:
     values: list[Any] = []
     lines: list[int] = []
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in numbered_lines:
         if not line.strip():
             continue
         try:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 if TYPE_CHECKING:
     from .generation import Utf8Guard
 
-__all__ = ["SPECIAL_TOKENS", "CHAT_ROLES", "CHAT_TEMPLATE", "DIYTokenizer", "StreamDecoder", "clean_text"]
+__all__ = ["SPECIAL_TOKENS", "CHAT_ROLES", "CHAT_TEMPLATE", "DIYTokenizer", "StreamDecoder", "clean_text",
+           "text_pieces", "sample_pieces", "PIECE_CHARS"]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_ROLES = ("system", "user", "assistant")
@@ -58,6 +60,36 @@ def clean_text(text: str) -> str:
     as lone surrogates (``surrogateescape``: terminals, pipes, argv) and JSON may hold them
     (``"\\ud800"``); they are not text, and the tokenizer library refuses them."""
     return _SURROGATE.sub("\ufffd", text)
+
+
+#: Texts longer than this (in characters) are trained on and encoded a piece at a time, so a
+#: corpus that is one 50 MB line never sits in the tokenizer library whole (it keeps tens of bytes
+#: per byte of text while it works). Pieces are cut only where the byte-level pre-tokenizer splits
+#: anyway, so the ids and the vocabulary are the same as for the whole text.
+PIECE_CHARS = 1 << 16
+# Punctuation that the pre-tokenizer always splits off a preceding letter or digit.
+_PIECE_CUT = re.compile("[，。！？；：、,.!?;:]")
+
+
+def text_pieces(text: str, size: int | None = None) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``size`` characters (``PIECE_CHARS``), each cut
+    before a punctuation mark that follows a letter or digit: a place where byte-level BPE's
+    pre-tokenizer cuts anyway. A stretch of ``size`` characters without such a place is cut
+    where it ends (only then can the ids differ from encoding the text whole)."""
+    size = size or PIECE_CHARS
+    start = 0
+    while len(text) - start > size:
+        cut = _cut_after(text, start + size, start + 2 * size)
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
+
+
+def _cut_after(text: str, begin: int, end: int) -> int:
+    for match in _PIECE_CUT.finditer(text, begin, end):
+        if unicodedata.category(text[match.start() - 1])[0] in "LN":
+            return match.start()
+    return end
 
 
 @lru_cache(maxsize=1)
@@ -102,6 +134,36 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i}: unknown role {m['role']!r} (expected one of {', '.join(CHAT_ROLES)})")
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+
+
+def sample_pieces(texts: Sequence[str], budget: int) -> Iterator[str]:
+    """Pieces (:func:`text_pieces`) of ``texts`` spread evenly over them, about ``budget``
+    characters in all, or every piece when the texts are no longer than that. A piece is kept
+    when it holds one of ``budget // PIECE_CHARS`` points evenly spaced over the text."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
+    total = sum(len(text) for text in texts)
+    if total <= budget:
+        yield from texts
+        return
+    period = total / max(1, budget // PIECE_CHARS)
+    start = 0
+    for text in texts:
+        for piece in text_pieces(text):
+            end = start + len(piece)
+            if int(end / period + 0.5) > int(start / period + 0.5):
+                yield piece
+            start = end
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """The texts to learn a vocabulary from, checked, cleaned and cut into pieces, one at a time."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
+        for piece in text_pieces(text):
+            yield clean_text(piece) if _SURROGATE.search(piece) else piece
 
 
 class StreamDecoder:
@@ -173,7 +235,7 @@ class DIYTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 6400, min_frequency: int = 2,
-              whole_characters: bool = False) -> "DIYTokenizer":
+              whole_characters: bool = False, sample_chars: int | None = None) -> "DIYTokenizer":
         """Learn a byte-level BPE vocabulary of at most ``vocab_size`` tokens from ``texts``.
 
         On a small corpus the merges run out earlier and the vocabulary is smaller; read the
@@ -182,7 +244,13 @@ class DIYTokenizer:
         can only memorise. ``whole_characters``: merges never join two non-ASCII characters, so
         the vocabulary holds (pieces of) single Chinese characters rather than words, and every
         character seen ``min_frequency`` times gets a token of its own (ASCII words still merge).
-        Deterministic: the same texts give the same tokenizer.
+        Deterministic: the same texts give the same tokenizer. ``texts`` is read once, lazily,
+        and long texts are learned in pieces (:func:`text_pieces`).
+
+        The library's memory grows with the number of distinct words it has seen (about 160
+        bytes per character of varied Chinese text), so ``sample_chars`` (``texts`` then a
+        sequence) learns from pieces spread evenly over texts longer than that in all
+        (:func:`sample_pieces`); a vocabulary of a few thousand tokens needs no more.
         """
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be an integer of at least {MIN_VOCAB_SIZE} "
@@ -191,10 +259,6 @@ class DIYTokenizer:
             raise ValueError(f"min_frequency must be a non-negative integer, got {min_frequency!r}")
         if isinstance(texts, str):
             raise TypeError("texts must be an iterable of strings, not a single string")
-        corpus = list(texts)
-        for i, t in enumerate(corpus):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         if whole_characters:
@@ -209,7 +273,9 @@ class DIYTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+        if sample_chars is not None:
+            texts = sample_pieces(texts, sample_chars)
+        tok.train_from_iterator(_training_pieces(texts), trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -265,6 +331,20 @@ class DIYTokenizer:
         (:func:`clean_text`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        if len(text) <= PIECE_CHARS:
+            return self._encode_piece(text)
+        ids: list[int] = []
+        for piece in self.encode_pieces(text):
+            ids += piece
+        return ids
+
+    def encode_pieces(self, text: str) -> Iterator[list[int]]:
+        """:meth:`encode` of ``text`` a piece at a time (:func:`text_pieces`): the lists joined
+        are ``encode(text)``. For long texts whose ids are stored compactly (pretraining)."""
+        for piece in text_pieces(text):
+            yield self._encode_piece(piece)
+
+    def _encode_piece(self, text: str) -> list[int]:
         try:
             return self._plain.encode(text, add_special_tokens=False).ids
         except TypeError:  # lone surrogates (undecodable bytes): encoded as U+FFFD

@@ -16,6 +16,8 @@ import os
 import signal
 import threading
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator
 
@@ -31,6 +33,10 @@ from .tokenizer import DIYTokenizer
 
 STAGES = ("pretrain", "chat")
 STATE_VERSION = 1
+#: The vocabulary is learned from at most about this many characters, spread over the corpus
+#: (4M characters of varied Chinese cost the tokenizer library about 650 MB; the bundled data
+#: and songci.txt are smaller and learned from whole).
+VOCAB_SAMPLE_CHARS = 4_000_000
 
 
 @dataclass
@@ -140,7 +146,8 @@ def build_tokenizer(corpus: Corpus, vocab_size: int = 6400, whole_characters: bo
         texts.extend(f"{m['role']}\n{m['content']}\n" for m in dialogue)
     if not texts:
         raise TrainingError("the corpus is empty: nothing to build a vocabulary from")
-    return DIYTokenizer.train(texts, vocab_size, whole_characters=whole_characters)
+    return DIYTokenizer.train(texts, vocab_size, whole_characters=whole_characters,
+                              sample_chars=VOCAB_SAMPLE_CHARS)
 
 
 def new_model(config: DIYConfig, tokenizer: DIYTokenizer) -> DIYForCausalLM:
@@ -179,7 +186,7 @@ class _Examples:
     Packed text also records its size in tokens and in predicted characters (each document's
     characters and its end), which turn a loss per token into bits per character."""
 
-    ids: list[list[int]]
+    ids: Sequence[list[int]]
     masks: list[list[int]] | None
     #: chat: pieces are whole dialogues and rows join several of them, up to this many tokens
     row_tokens: int | None = None
@@ -192,6 +199,32 @@ class _Examples:
         if self.row_tokens is None:
             return [[i] for i in range(len(self.ids))]
         return compose_rows([len(r) for r in self.ids], self.row_tokens, seed, epoch)
+
+
+class _PackedRows(Sequence):
+    """Rows of ``width`` tokens cut from one token stream kept as 4-byte integers (a list of lists
+    of Python ints takes about nine times the memory); row ``i`` becomes a list when asked for.
+    A last row shorter than 2 tokens (nothing to predict) is left out."""
+
+    def __init__(self, stream: array, width: int) -> None:
+        self._stream = stream
+        self._width = width
+        count = -(-len(stream) // width) if width >= 2 else 0
+        if count and len(stream) - (count - 1) * width < 2:
+            count -= 1
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"row {index} of {self._count}")
+        return self._stream[index * self._width:(index + 1) * self._width].tolist()
 
 
 def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -213,13 +246,15 @@ def split_texts(texts: list[str], val_fraction: float, seed: int) -> tuple[list[
 
 
 def pack_texts(tokenizer: DIYTokenizer, texts: list[str], max_seq_len: int) -> _Examples:
-    """Documents joined with end-of-text markers and cut into rows of ``max_seq_len`` tokens."""
-    stream: list[int] = []
+    """Documents joined with end-of-text markers and cut into rows of ``max_seq_len`` tokens.
+    Each text is encoded a piece at a time into one compact stream (a long corpus is never held
+    as Python lists)."""
+    stream = array("i")
     for text in texts:
-        stream.extend(tokenizer.encode(text))
+        for ids in tokenizer.encode_pieces(text):
+            stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
-    rows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
-    return _Examples([r for r in rows if len(r) >= 2], None, tokens=len(stream), chars=count_symbols(texts))
+    return _Examples(_PackedRows(stream, max_seq_len), None, tokens=len(stream), chars=count_symbols(texts))
 
 
 def encode_dialogues(tokenizer: DIYTokenizer, dialogues: list[list[dict]], max_seq_len: int) -> _Examples:

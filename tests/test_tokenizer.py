@@ -116,6 +116,34 @@ def test_lone_surrogates_encode_as_replacement_characters(tok):
     assert tok.decode(tok.encode("\ud800你")) == "\ufffd你"
 
 
+def test_long_texts_are_encoded_and_learned_in_pieces_with_the_same_result(tok, monkeypatch):
+    import diyapp.tokenizer as tokenizer_module
+
+    text = " ".join(TRAIN_TEXTS + ROUND_TRIP) * 4
+    whole_ids = tok._plain.encode(text, add_special_tokens=False).ids     # the library, in one go
+    whole_vocab = DIYTokenizer.train([text], vocab_size=500).to_str()
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 60)
+    pieces = list(tokenizer_module.text_pieces(text))
+    assert len(pieces) > 20 and "".join(pieces) == text and max(map(len, pieces)) <= 120
+    assert tok.encode(text) == whole_ids
+    assert [i for piece in tok.encode_pieces(text) for i in piece] == whole_ids
+    assert DIYTokenizer.train([text], vocab_size=500).to_str() == whole_vocab
+
+
+def test_vocabulary_samples_are_spread_over_a_long_corpus(monkeypatch):
+    import diyapp.tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "PIECE_CHARS", 100)
+    texts = [f"第{i}篇，" + "春天来了，花儿开了。" * 50 for i in range(40)]    # 40 texts of 505 characters
+    assert list(tokenizer_module.sample_pieces(texts, 10 ** 6)) == texts        # short enough: all of it
+    kept = list(tokenizer_module.sample_pieces(texts, 2000))
+    assert 1000 <= sum(map(len, kept)) <= 4000
+    sources = [next(i for i, t in enumerate(texts) if piece in t) for piece in kept]
+    assert min(sources) < 10 and max(sources) >= 30                             # from the whole corpus
+    with pytest.raises(TypeError):
+        list(tokenizer_module.sample_pieces(["ok", 3], 1))
+
+
 def test_decode_ignores_ids_outside_the_vocabulary(tok):
     ids = tok.encode("你好")
     assert tok.decode(ids + [tok.vocab_size, tok.vocab_size + 50]) == "你好"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 import signal
@@ -16,7 +17,7 @@ import torch
 from diyapp import DIYConfig, DIYForCausalLM
 from diyapp.data import Corpus
 from diyapp.train import (TrainConfig, Trainer, TrainingError, build_tokenizer, encode_dialogues, lr_at,
-                          new_model)
+                          new_model, pack_texts)
 
 from .conftest import REPO
 
@@ -87,6 +88,36 @@ def test_learning_rate_warms_up_then_decays():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+def test_pretraining_rows_are_the_documents_packed(tokenizer):
+    stream = [i for text in TEXTS for i in tokenizer.encode(text) + [tokenizer.eos_token_id]]
+    for width in (16, len(stream) - 1, len(stream)):                      # a last row of 1 token is dropped
+        rows = pack_texts(tokenizer, TEXTS, width).ids
+        expected = [r for r in (stream[k:k + width] for k in range(0, len(stream), width)) if len(r) >= 2]
+        assert len(rows) == len(expected) and list(rows) == expected and rows[-1] == expected[-1]
+
+
+def test_a_long_single_line_corpus_is_read_and_tokenised_without_copies(tmp_path):
+    """A 2 MB one-line corpus: reading it, learning the vocabulary and building the pretraining
+    rows may grow the peak memory by at most 40 bytes per byte of text (holding the text as
+    Python lists of ids and the tokenizer library's per-byte records took about 200)."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = "春夏秋冬日月山水风雨花草树木天地人心我你他她们的了是在有和不这那大小多少"
+    clauses = ["".join(rng.choice(alphabet) for _ in range(rng.randint(3, 9))) for _ in range(400)]
+    text = "".join(rng.choice(clauses) + rng.choice("，。！？") for _ in range(120_000))
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(text + "\n", encoding="utf-8")
+    size = corpus.stat().st_size
+    assert size > 2_000_000 and text.count("\n") == 0
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "corpus_memory.py"), str(corpus)],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)
+    assert measured["rows"] > 1000
+    assert measured["after"] - measured["before"] < 40 * size, measured
+
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "chat"])
