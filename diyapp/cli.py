@@ -497,12 +497,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     infos = list_checkpoints(args.folders)
     if not infos:
         _say(f"没有保存的模型 no saved models in {', '.join(args.folders)}")
-        return EXIT_OK
-    if sys.stdout.isatty():
+    elif sys.stdout.isatty():
         from .ui.views import checkpoint_table, make_console
 
         make_console().print(checkpoint_table(infos))
-        return EXIT_OK
+    else:
+        _list_plain(infos)
+    _note_leftovers(args.folders)
+    return EXIT_OK
+
+
+def _note_leftovers(folders: list[str]) -> None:
+    """One line on stderr about temporary files that interrupted saves left behind, if any."""
+    from .formats.catalog import leftovers
+    from .workflow import human_size
+
+    found = leftovers(folders)
+    if not found:
+        return
+    stale = [item for item in found if not item.in_use]
+    size = human_size(sum(item.size_bytes for item in found))
+    names = ", ".join(str(item.path) + (" (in use)" if item.in_use else "") for item in found)
+    _say(f"note: {len(found)} 个中断的保存留下的临时文件 temporary file(s) left by interrupted saves ({size}): "
+         f"{names}; {len(stale)} 个会在该文件夹下次保存时删除 will be removed by the next save in that folder",
+         err=True)
+
+
+def _list_plain(infos: list[Any]) -> None:
     import datetime as dt
 
     _say("\t".join(("path", "format", "size_bytes", "modified", "parameters", "stage", "steps", "last_loss", "error")))
@@ -510,7 +531,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         modified = dt.datetime.fromtimestamp(i.modified).isoformat(timespec="seconds") if i.modified else "-"
         values = (i.path, i.format, i.size_bytes, modified, i.parameters, i.stage, i.steps, i.last_loss, i.error)
         _say("\t".join("-" if v is None else " ".join(str(v).split()) for v in values))
-    return EXIT_OK
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .common import CheckpointError, LoadedModel, dir_size, first_line, read_head
+from .common import CheckpointError, LoadedModel, Leftover, dir_size, find_leftovers, first_line, read_head
 from .hf import describe_hf, is_hf_dir, load_model_hf
 from .json import describe_json, load_model_json
 from .pt import PT_MAGIC, describe_pt, load_model_binary
@@ -183,3 +183,14 @@ def list_checkpoints(folders: str | os.PathLike | Iterable[str | os.PathLike] = 
     return infos
 
 
+def leftovers(folders: str | os.PathLike | Iterable[str | os.PathLike] = ("checkpoints", "exports")
+              ) -> list[Leftover]:
+    """Temporary files and folders of interrupted saves directly in ``folders`` (the listing
+    skips them; the next save in a folder removes those no live writer holds)."""
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    found: list[Leftover] = []
+    for folder in folders:
+        if Path(folder).is_dir():
+            found += find_leftovers(folder)
+    return found

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import math
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,17 +279,153 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_error(path: str | os.PathLike, exc: OSError) -> CheckpointError:
+    """The one message every format gives when writing fails: the path and the system's reason
+    (``No space left on device``, ``File too large``, ``Permission denied``, ...)."""
+    return CheckpointError(path, f"could not write: {exc.strerror or first_line(exc)}")
+
+
+class _RecordingFile:
+    """A file that remembers the first OS error of a write: some writers (``torch.save``'s zip
+    writer) report a failed write only as their own RuntimeError, without the system's reason."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+#: What our temporary files and folders are named: ``.<target name>.<8 random characters>.tmp``
+#: (``tempfile.mkstemp``/``mkdtemp``); nothing else is ever removed as a leftover.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - no flock (Windows): leftovers are listed, never removed
+    _fcntl = None
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another holds one. A writer
+    holds the lock on its temporary file or folder until it is in place; locks die with their
+    process, so a killed writer's leftover is free at once."""
+    if _fcntl is None:  # pragma: no cover
+        return True
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _new_temp(target: Path, folder: bool = False) -> tuple[int, Path]:
+    """A fresh temporary file (or folder) beside ``target`` and a locked descriptor of it. If a
+    cleaner took the lock first (between creation and locking), it removes that one: try again."""
+    for _ in range(100):
+        if folder:
+            path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            path = Path(name)
+        if _lock(fd):
+            return fd, path
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "temporary files keep being taken by another process", str(target.parent))
+
+
+@dataclass
+class Leftover:
+    """A temporary file or folder of an interrupted save (``in_use``: a live writer holds it)."""
+
+    path: Path
+    size_bytes: int
+    in_use: bool
+
+
+def find_leftovers(folder: str | os.PathLike) -> list[Leftover]:
+    """Our temporary files and folders in ``folder`` (see ``_TEMP_NAME``), and whether a live
+    writer still holds each (its lock)."""
+    out: list[Leftover] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            size = dir_size(path) if entry.is_dir(follow_symlinks=False) else entry.stat(follow_symlinks=False).st_size
+            out.append(Leftover(path, size, _in_use(path)))
+    return sorted(out, key=lambda item: item.path.name)
+
+
+def _in_use(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # gone or unreadable: not ours to judge
+    try:
+        return not _lock(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that killed or crashed saves left in ``folder``:
+    only names of our own pattern, only those whose lock no live writer holds (the lock is held
+    while removing, so a writer never loses a file it is writing). Returns what was removed;
+    never raises."""
+    removed: list[Path] = []
+    if _fcntl is None:  # pragma: no cover
+        return removed
+    for item in find_leftovers(folder):
+        if item.in_use:
+            continue
+        try:
+            fd = os.open(item.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock(fd):
+                continue
+            if item.path.is_dir():
+                shutil.rmtree(item.path)
+            else:
+                item.path.unlink()
+            removed.append(item.path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Write ``path`` all or nothing: a temporary file in the same folder (named
-    ``.<name>.<random>.tmp``), flushed and fsynced, then ``os.replace``-d over the target.
-    OS errors become CheckpointError; on any error the temporary file is removed."""
+    ``.<name>.<random>.tmp`` and locked while it is written), flushed and fsynced, then
+    ``os.replace``-d over the target. Leftovers of earlier killed saves in that folder are removed
+    first (:func:`remove_leftovers`). An OS error becomes :func:`write_error`'s CheckpointError;
+    on any error the temporary file is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_leftovers(path.parent)
+        fd, tmp = _new_temp(path)
     except OSError as exc:
-        raise CheckpointError(path, f"cannot write here: {exc.strerror or exc}") from None
+        raise write_error(path, exc) from None
+    stream: _RecordingFile | None = None
     try:
         try:
             mode = path.stat().st_mode & 0o777
@@ -294,20 +433,153 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             mode = 0o644
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
-            yield f
+            stream = _RecordingFile(f)
+            yield stream  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while still open and locked: never taken for a leftover
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise CheckpointError(path, f"could not write: {exc.strerror or exc}") from None
+        error = exc if isinstance(exc, OSError) else (stream.error if stream is not None else None)
+        if error is not None:
+            raise write_error(path, error) from None
         raise
     _fsync_dir(path.parent)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or the file system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+@contextlib.contextmanager
+def replace_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder beside ``target`` and put it in ``target``'s place as a whole: the caller
+    writes the files into the yielded folder (``.<name>.<random>.tmp``, locked while it is being
+    written); then it is fsynced and swapped with the old folder in one step (``RENAME_EXCHANGE``;
+    a plain rename when there was none), and the old folder is removed. A kill at any moment leaves
+    the old folder or the new one, and a leftover that the next save removes. OS errors become
+    :func:`write_error`'s CheckpointError naming ``target``."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target.parent)
+        fd, stage = _new_temp(target, folder=True)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            os.chmod(stage, target.stat().st_mode & 0o777 if target.is_dir() else 0o777 & ~umask)
+            yield stage
+            for entry in os.scandir(stage):
+                _fsync_path(Path(entry.path))
+            _fsync_dir(stage)
+            if target.is_dir() and not _exchange(stage, target):
+                _swap_in_two_steps(stage, target)
+            elif not target.is_dir():
+                os.rename(stage, target)
+            _fsync_dir(target.parent)
+        except BaseException as exc:
+            if isinstance(exc, OSError):
+                raise write_error(target, exc) from None
+            if isinstance(exc, CheckpointError) and exc.path.startswith(str(stage)):
+                raise CheckpointError(target, exc.reason) from None
+            raise
+    finally:
+        os.close(fd)
+        shutil.rmtree(stage, ignore_errors=True)  # unfinished, or the old folder after the swap
+
+
+def _swap_in_two_steps(stage: Path, target: Path) -> None:
+    """Where no atomic swap exists: the old folder is moved aside (and back if the new one
+    cannot take its place); a kill between the two renames leaves both as leftovers."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(stage, target)
+    except OSError:
+        os.rename(aside / target.name, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --- reading helpers ----------------------------------------------------------------------------
+
+#: The largest size a loader believes a file's config: far beyond any model this app trains, small
+#: enough that nothing impossible reaches the allocator.
+SIZE_LIMITS = {"vocab_size": 1 << 21, "hidden_size": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 10,
+               "num_kv_heads": 1 << 10, "intermediate_size": 1 << 18, "max_seq_len": 1 << 20}
+
+
+def check_config_sizes(path: str | os.PathLike, config: Any) -> None:
+    """Refuse a stored config whose sizes are beyond :data:`SIZE_LIMITS`, naming the field."""
+    if not isinstance(config, dict):
+        return
+    for key, limit in SIZE_LIMITS.items():
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise CheckpointError(path, f"is broken: its config claims {key} = {value}, beyond any real model "
+                                        f"(at most {limit}); it cannot be loaded")
+
+
+def model_bytes(config: "DIYConfig") -> int:
+    """Memory that building ``config``'s model and loading weights into it takes: every
+    parameter twice in float32 (the model and the weights read from the file) and the rotary tables."""
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_layers
+    kv = config.num_kv_heads * config.head_dim
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config.intermediate_size + 2 * hidden
+    params = vocab * hidden * (1 if config.tie_word_embeddings else 2) + layers * per_layer + hidden
+    return 4 * (2 * params + 2 * config.max_seq_len * config.head_dim)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(path: str | os.PathLike, config: "DIYConfig") -> None:
+    """Refuse, before allocating anything, a model that needs more memory than is available."""
+    need, have = model_bytes(config), available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(path, f"describes a model too large for this machine: it needs about "
+                                    f"{need / 2**30:.1f} GiB of memory (hidden_size {config.hidden_size}, "
+                                    f"num_layers {config.num_layers}, vocab_size {config.vocab_size}) and "
+                                    f"{have / 2**30:.1f} GiB are available")
 
 def stat_file(path: Path) -> os.stat_result:
     try:
@@ -354,6 +626,7 @@ def check_format_header(path: Path, obj: Any, fmt: str, max_version: int, kind: 
     for key in ("config", "metadata"):
         if not isinstance(obj.get(key), dict):
             raise CheckpointError(path, f"is damaged: its {key!r} entry is missing or not a mapping")
+    check_config_sizes(path, obj["config"])
     return obj
 
 
@@ -367,10 +640,12 @@ def build_loaded(path: Path, fmt: str, config_dict: Any, metadata: dict[str, Any
     from ..config import ConfigError, DIYConfig
     from ..model import DIYForCausalLM
 
+    check_config_sizes(path, config_dict)
     try:
         config = DIYConfig.from_dict(config_dict)
     except ConfigError as exc:
         raise CheckpointError(path, f"its stored model config is invalid: {exc}") from None
+    check_memory(path, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, tokenizer_text)
     size = getattr(tokenizer, "vocab_size", None)

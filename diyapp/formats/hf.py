@@ -7,6 +7,7 @@ Hugging Face's ``LlamaForCausalLM`` keeps them apart. These functions map betwee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from .common import (
     CheckpointError,
-    atomic_write,
     build_loaded,
+    check_config_sizes,
     dir_size,
     fill_metadata,
+    replace_folder,
     tokenizer_string,
     unwrap_model,
 )
@@ -31,6 +33,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HF_FORMAT = "diyapp-hf"
 HF_VERSION = 1
+#: The files an export folder holds; a folder with anything else is not replaced.
+HF_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+#: config.json fields that must agree with the model config carried in model.safetensors.
+_SHAPE_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_hidden_layers": "num_layers",
+                 "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads",
+                 "intermediate_size": "intermediate_size", "max_position_embeddings": "max_seq_len",
+                 "tie_word_embeddings": "tie_word_embeddings"}
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -85,10 +94,50 @@ def describe_hf(directory: Any) -> dict[str, Any]:
     if version > HF_VERSION:
         raise CheckpointError(directory, f"was written by a newer diyapp (format version {version}; this "
                                          f"version reads up to {HF_VERSION}); upgrade diyapp to load it")
+    if not isinstance(config, dict):
+        raise CheckpointError(directory, "is damaged: its diyapp header holds no model config")
+    check_config_sizes(directory, config)
+    _check_agreement(directory, config, meta, read_safetensors_header(weights))
     size = dir_size(directory)
     return {"path": directory, "format": "hf", "format_version": version, "config": config,
             "metadata": metadata, "has_train_state": False, "size_bytes": size,
             "modified": weights.stat().st_mtime}
+
+
+def _check_agreement(directory: Path, config: dict[str, Any], meta: dict[str, Any], header: dict[str, Any]) -> None:
+    """Refuse a folder whose files come from different exports: config.json's shapes, the
+    embedding's shape and tokenizer.json must match the model config in model.safetensors."""
+    def mixed(what: str) -> CheckpointError:
+        return CheckpointError(directory, f"is inconsistent: {what}; its files come from different exports "
+                                          "(export it again)")
+
+    try:
+        hf_config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(directory, f"config.json cannot be read ({exc})") from None
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(directory, "config.json is not a JSON object")
+    for hf_key, key in _SHAPE_FIELDS.items():
+        if hf_key in hf_config and key in config and hf_config[hf_key] != config[key]:
+            raise mixed(f"config.json says {hf_key} {hf_config[hf_key]!r}, model.safetensors holds a model with "
+                        f"{config[key]!r}")
+    embed = (header.get("model.embed_tokens.weight") or {}).get("shape")
+    want = [config.get("vocab_size"), config.get("hidden_size")]
+    if embed is not None and embed != want:
+        raise mixed(f"model.safetensors' embedding is {embed}, its config says {want}")
+    digest = meta.get("diyapp_tokenizer_sha256")
+    tok_path = directory / "tokenizer.json"
+    if digest and not tok_path.is_file():
+        raise CheckpointError(directory, "is incomplete: tokenizer.json is missing (export it again)")
+    if digest and _sha256(tok_path) != digest:
+        raise mixed("tokenizer.json is not the tokenizer model.safetensors was exported with")
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
 
 
 # --- layout conversion ---------------------------------------------------------------------------
@@ -170,9 +219,20 @@ def from_hf_state_dict(state: dict[str, Tensor], config: DIYConfig) -> dict[str,
 
 # --- export_hf / load_model_hf -------------------------------------------------------------------
 
-def _write_json(path: Any, data: Any) -> None:
-    with atomic_write(path) as f:
-        f.write((json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+
+
+def _check_replaceable(directory: Path) -> None:
+    """An export replaces its folder whole, so the folder must be new, empty or an export."""
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(directory, "exists and is not a folder; choose another export folder")
+    if directory.is_dir():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in HF_FILES)
+        if foreign:
+            raise CheckpointError(directory, f"holds files that are not part of an export ({', '.join(foreign[:3])}"
+                                             f"{', ...' if len(foreign) > 3 else ''}); the export replaces the "
+                                             "whole folder, so choose a new or empty one")
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int | None]:
@@ -188,6 +248,10 @@ def export_hf(directory: str | Any, model: DIYForCausalLM, tokenizer: Any, *,
     template). ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained(directory)``
     load it offline and compute the same logits. Returns the folder path.
 
+    The folder is replaced as a whole (:func:`~diyapp.formats.common.replace_folder`): a kill at
+    any moment leaves the old export or the new one. An existing folder holding anything but an
+    export's files is refused rather than replaced.
+
     Our config and metadata also ride in the safetensors header (``__metadata__``), so
     :func:`load_model_hf` and ``list_checkpoints`` read them back exactly.
     """
@@ -197,8 +261,7 @@ def export_hf(directory: str | Any, model: DIYForCausalLM, tokenizer: Any, *,
     directory = Path(directory)
     model = unwrap_model(model)
     config = model.config
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(directory, "exists and is not a folder; choose another export folder")
+    _check_replaceable(directory)
     meta = fill_metadata(directory, model, metadata)
     tok_text = tokenizer_string(directory, tokenizer, config.vocab_size)
     ids = _special_ids(tokenizer)
@@ -209,23 +272,27 @@ def export_hf(directory: str | Any, model: DIYForCausalLM, tokenizer: Any, *,
             raise CheckpointError(directory, f"cannot export: weight {name} holds non-finite values (NaN or "
                                              "infinity; the training diverged?)")
         state[name] = t.clone().contiguous()  # fused q/k/v views must not share memory in safetensors
+    tok_bytes = tok_text.encode("utf-8") if tok_text is not None else None
     header_meta = {"format": "pt", "diyapp_format": HF_FORMAT, "diyapp_format_version": str(HF_VERSION),
                    "diyapp_config": json.dumps(config.to_dict()), "diyapp_metadata": json.dumps(meta)}
-    blob = safetensors_save(state, metadata=header_meta)
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_write(directory / "model.safetensors") as f:
-        f.write(blob)
-    hf_config = hf_llama_config(config, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-                                pad_token_id=ids["pad"])
-    _write_json(directory / "config.json", hf_config)
+    if tok_bytes is not None:
+        header_meta["diyapp_tokenizer_sha256"] = hashlib.sha256(tok_bytes).hexdigest()
     stop = [i for i in (ids["eos"], ids["im_end"]) if i is not None]
-    _write_json(directory / "generation_config.json", {
-        "bos_token_id": ids["bos"], "eos_token_id": stop[0] if len(stop) == 1 else (stop or None),
-        "pad_token_id": ids["pad"], **_sampling_defaults()})
-    if tok_text is not None:
-        with atomic_write(directory / "tokenizer.json") as f:
-            f.write(tok_text.encode("utf-8"))
-        _write_json(directory / "tokenizer_config.json", _tokenizer_config(tokenizer, config))
+    files = {
+        "model.safetensors": safetensors_save(state, metadata=header_meta),
+        "config.json": _json_bytes(hf_llama_config(config, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                                   pad_token_id=ids["pad"])),
+        "generation_config.json": _json_bytes({
+            "bos_token_id": ids["bos"], "eos_token_id": stop[0] if len(stop) == 1 else (stop or None),
+            "pad_token_id": ids["pad"], **_sampling_defaults()}),
+    }
+    if tok_bytes is not None:
+        files["tokenizer.json"] = tok_bytes
+        files["tokenizer_config.json"] = _json_bytes(_tokenizer_config(tokenizer, config))
+    with replace_folder(directory) as stage:  # the old export or the new one, never a mix
+        for name, data in files.items():
+            with open(stage / name, "wb") as f:
+                f.write(data)
     return directory
 
 

@@ -305,6 +305,9 @@ def _parse_numbers(path: Path, name: str, buf: bytes, start: int, end: int, coun
     """The comma-separated numbers ``buf[start:end]`` as a numpy array, parsed in small pieces."""
     import numpy as np
 
+    if count > (end - start + 1) // 2:  # each value takes a digit and a comma at least
+        raise CheckpointError(path, f"is damaged: tensor {name} claims {count} values but its data has room "
+                                    f"for at most {(end - start + 1) // 2}")
     out = np.empty(count, dtype=np_dtype)
     i, pos = 0, start
     try:
