@@ -577,7 +577,6 @@ def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
         raise ValueError(f"格式必须是 pt、json 或 hf format must be pt, json or hf (got {fmt!r})")
     target = Path(path).expanduser() if fmt == "hf" else with_suffix(path, fmt)
     if is_main_process():
-        target.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "pt":
             state = train_state(bench)
             from .formats.pt import save_model_binary

@@ -412,12 +412,14 @@ def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Write ``path`` all or nothing: a temporary file in the same folder (named
-    ``.<name>.<random>.tmp`` and locked while it is written), flushed and fsynced, then
-    ``os.replace``-d over the target. Leftovers of earlier killed saves in that folder are removed
-    first (:func:`remove_leftovers`). An OS error becomes :func:`write_error`'s CheckpointError;
-    on any error the temporary file is removed."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write ``path`` all or nothing through a file name: yields an empty temporary file in the
+    same folder (``.<name>.<random>.tmp``, locked by this process until it is in place) for the
+    caller to write and close; then it is fsynced and ``os.replace``-d over the target. For writers
+    that want a path (the ``gguf`` package); :func:`atomic_write` is the same for a file object.
+    Leftovers of earlier killed saves in that folder are removed first (:func:`remove_leftovers`).
+    An OS error becomes :func:`write_error`'s CheckpointError; on any error the temporary file is
+    removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -425,27 +427,41 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         fd, tmp = _new_temp(path)
     except OSError as exc:
         raise write_error(path, exc) from None
-    stream: _RecordingFile | None = None
     try:
         try:
             mode = path.stat().st_mode & 0o777
         except OSError:
             mode = 0o644
         os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as f:
-            stream = _RecordingFile(f)
-            yield stream  # type: ignore[misc]
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(tmp, path)  # while still open and locked: never taken for a leftover
+        yield tmp
+        os.fsync(fd)
+        os.replace(tmp, path)  # while still locked: never taken for a leftover
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        error = exc if isinstance(exc, OSError) else (stream.error if stream is not None else None)
-        if error is not None:
-            raise write_error(path, error) from None
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
+    finally:
+        os.close(fd)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """:func:`atomic_path` for a writer that wants a file object. A failed write is reported with
+    the system's reason even when the writer (``torch.save``) turns it into its own error."""
+    stream: _RecordingFile | None = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            stream = _RecordingFile(f)
+            yield stream  # type: ignore[misc]
+    except CheckpointError:
+        raise
+    except BaseException:
+        if stream is not None and stream.error is not None:
+            raise write_error(path, stream.error) from None
+        raise
 
 
 def _exchange(a: Path, b: Path) -> bool:
