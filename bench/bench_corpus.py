@@ -53,6 +53,21 @@ def _busy_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
+def _plan_lines(lines: list[str]) -> list[str]:
+    """The plan the train command printed before training (from its "训练计划 plan" line on)."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("训练计划")), None)
+    if start is None:
+        return []
+    plan = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        plan.append(line)
+        if "ETA" in line:
+            break
+    return plan
+
+
 def train(train_docs: list[str], budget: str, folder: Path, extra: list[str]) -> dict:
     """Run the app's train command on ``train_docs``; its wall time, output and others' CPU share."""
     data = folder / "train.txt"
@@ -75,7 +90,7 @@ def train(train_docs: list[str], budget: str, folder: Path, extra: list[str]) ->
         raise SystemExit(f"training failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return {"command": " ".join(cmd), "wall_s": round(wall, 1), "cpu_s": round(ours, 1),
             "others_cpu_share": round(others / capacity, 3) if capacity else None,
-            "model": str(model), "plan": [l for l in run.stderr.splitlines() if l.startswith(("训练计划", "  "))][:6],
+            "model": str(model), "plan": _plan_lines(run.stderr.splitlines()),
             "log": run.stderr.splitlines()[-60:] + run.stdout.splitlines()}
 
 
