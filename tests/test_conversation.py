@@ -219,3 +219,38 @@ def test_hit_rate_builds_prompts_as_the_chat_does(tokenizer, monkeypatch):
     budget = answer_budget(GenerationConfig(), 64)
     expected, dropped, _ = build_prompt(tokenizer, history, "夏天热吗", 64, budget)
     assert prompts == [expected] and report.total == 1
+
+
+# --- the bundled chat data and the held-out rephrasings -------------------------------------------
+
+def _heldout():
+    import json
+
+    from .conftest import REPO
+
+    return json.loads((REPO / "bench" / "heldout_rephrasings.json").read_text(encoding="utf-8"))
+
+
+def test_bundled_questions_are_unique_and_every_answer_is_kept():
+    from diyapp.chat import letters_only
+    from diyapp.data import bundled_corpus, qa_pairs
+
+    pairs = qa_pairs(bundled_corpus())
+    keys = [letters_only(q).lower() for q, _ in pairs]
+    assert len(set(keys)) == len(keys)          # no question twice, punctuation and case ignored
+    assert len(pairs) > 2000                     # the rephrasings are there
+
+
+def test_heldout_rephrasings_are_never_trained_on():
+    from diyapp.chat import letters_only
+    from diyapp.data import bundled_corpus, qa_pairs
+
+    corpus = bundled_corpus()
+    trained = {letters_only(m["content"]).lower() for d in corpus.dialogues for m in d if m["role"] == "user"}
+    answers = dict(qa_pairs(corpus))
+    items = _heldout()
+    assert len(items) >= 150
+    for item in items:
+        assert letters_only(item["question"]).lower() not in trained, item
+        assert item["source"] in answers          # each rephrases a bundled question with a trained answer
+        assert letters_only(item["question"]) != letters_only(item["source"])
