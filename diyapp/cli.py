@@ -129,13 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", metavar="TEXT", help="continue this text and exit")
     _add_sampling_options(generate, "continuation")
 
-    export = sub.add_parser("export", help="write a model as .pt, JSON or a Hugging Face folder",
+    from .formats.gguf import DEFAULT_GGUF_TYPE, GGUF_TYPES  # (no heavy imports: gguf loads on use)
+
+    export = sub.add_parser("export", help="write a model as .pt, JSON, a Hugging Face folder or GGUF",
                             description="Convert a saved model: --pt (binary, keeps training state), --json "
-                                        "(readable by other tools), --hf (Hugging Face Llama folder).")
+                                        "(readable by other tools), --hf (Hugging Face Llama folder), --gguf "
+                                        "(llama.cpp / Ollama file, with an Ollama Modelfile beside it).")
     export.add_argument("--model", required=True, metavar="PATH", help="the model to export")
     export.add_argument("--json", metavar="OUT", help="write a JSON export")
     export.add_argument("--pt", metavar="OUT", help="write a .pt checkpoint")
     export.add_argument("--hf", metavar="DIR", help="write a Hugging Face Llama folder")
+    export.add_argument("--gguf", metavar="OUT", help="write a GGUF file for llama.cpp / Ollama (+ OUT.Modelfile)")
+    export.add_argument("--gguf-type", choices=GGUF_TYPES, default=DEFAULT_GGUF_TYPE,
+                        help="GGUF weight type: f32 (exact, default), f16 or q8_0 (smaller)")
     export.add_argument("--force", action="store_true", help="overwrite existing files")
 
     info = sub.add_parser("info", help="show what a saved model is (without loading its weights)")
@@ -447,8 +453,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from . import workflow as wf
 
-    if not (args.json or args.pt or args.hf):
-        raise UsageError("请说明要写出什么 say what to write: --json OUT, --pt OUT and/or --hf DIR")
+    if not (args.json or args.pt or args.hf or args.gguf):
+        raise UsageError("请说明要写出什么 say what to write: --json OUT, --pt OUT, --hf DIR and/or --gguf OUT")
     targets = []
     if args.pt:
         targets.append((wf.with_suffix(args.pt, "pt"), "pt"))
@@ -456,6 +462,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         targets.append((wf.with_suffix(args.json, "json"), "json"))
     if args.hf:
         targets.append((Path(args.hf).expanduser(), "hf"))
+    if args.gguf:
+        targets.append((wf.with_suffix(args.gguf, "gguf"), "gguf"))
     source = os.path.realpath(Path(args.model).expanduser())
     if any(os.path.realpath(p) == source for p, _ in targets):
         raise UsageError("输出会覆盖 --model 本身，请换个路径 the output would overwrite --model itself; choose "
@@ -464,7 +472,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = wf.open_model(args.model, device=None)
     bench = wf.bench_from_loaded(loaded, args.model)
     out = {fmt: path for path, fmt in targets}
-    saved = wf.export(bench, pt_path=out.get("pt"), json_path=out.get("json"), hf_dir=out.get("hf"))
+    saved = wf.export(bench, pt_path=out.get("pt"), json_path=out.get("json"), hf_dir=out.get("hf"),
+                      gguf_path=out.get("gguf"), gguf_type=args.gguf_type)
     for item in saved:
         _say(f"已保存 saved {item.path} ({wf.human_size(item.size_bytes)})")
     return EXIT_OK

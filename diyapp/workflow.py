@@ -567,14 +567,19 @@ def info_resumable(info: Any) -> bool:
     return bool((info.metadata or {}).get("resumable", True))
 
 
-def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
+#: What :func:`save` writes.
+FORMATS = ("pt", "json", "hf", "gguf")
+
+
+def save(bench: Workbench, path: str | os.PathLike, fmt: str, *, gguf_type: str = "f32") -> SavedFile:
     """Write the model as ``fmt`` ("pt": binary with training state; "json": export; "hf": a Hugging
-    Face Llama folder). Folders are created; each write is atomic (diyapp.formats). Every format
+    Face Llama folder; "gguf": a llama.cpp / Ollama file of ``gguf_type`` f32, f16 or q8_0, with a
+    Modelfile beside it). Folders are created; each write is atomic (diyapp.formats). Every format
     carries the same metadata. Only rank 0 writes under torchrun."""
     from .formats.common import dir_size
 
-    if fmt not in ("pt", "json", "hf"):
-        raise ValueError(f"格式必须是 pt、json 或 hf format must be pt, json or hf (got {fmt!r})")
+    if fmt not in FORMATS:
+        raise ValueError(f"格式必须是 pt、json、hf 或 gguf format must be pt, json, hf or gguf (got {fmt!r})")
     target = Path(path).expanduser() if fmt == "hf" else with_suffix(path, fmt)
     if is_main_process():
         if fmt == "pt":
@@ -585,6 +590,9 @@ def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
         elif fmt == "json":
             from .formats.json import save_model_json
             save_model_json(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
+        elif fmt == "gguf":
+            from .formats.gguf import export_gguf
+            export_gguf(target, bench.model, bench.tokenizer, gguf_type=gguf_type, metadata=metadata_for(bench))
         else:
             from .formats.hf import export_hf
             export_hf(target, bench.model, bench.tokenizer, metadata=metadata_for(bench))
@@ -596,10 +604,12 @@ def save(bench: Workbench, path: str | os.PathLike, fmt: str) -> SavedFile:
 
 
 def export(bench: Workbench, *, json_path: str | os.PathLike | None = None, pt_path: str | os.PathLike | None = None,
-           hf_dir: str | os.PathLike | None = None) -> list[SavedFile]:
-    """Write the model in each requested form (``hf_dir``: a Hugging Face Llama folder)."""
-    wanted = (("pt", pt_path), ("json", json_path), ("hf", hf_dir))
-    return [save(bench, path, fmt) for fmt, path in wanted if path is not None]
+           hf_dir: str | os.PathLike | None = None, gguf_path: str | os.PathLike | None = None,
+           gguf_type: str = "f32") -> list[SavedFile]:
+    """Write the model in each requested form (``hf_dir``: a Hugging Face Llama folder; ``gguf_path``:
+    a GGUF file of ``gguf_type`` for llama.cpp / Ollama)."""
+    wanted = (("pt", pt_path), ("json", json_path), ("hf", hf_dir), ("gguf", gguf_path))
+    return [save(bench, path, fmt, gguf_type=gguf_type) for fmt, path in wanted if path is not None]
 
 
 def human_size(size: int) -> str:

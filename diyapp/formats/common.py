@@ -204,6 +204,45 @@ def model_state(model: Any) -> dict[str, Any]:
     return out
 
 
+def unfused_state(model: Any) -> dict[str, Any]:
+    """The weights under Hugging Face Llama names, the layout every foreign format starts from:
+    our fused ``qkv_proj`` split into q/k/v, ``gate_up_proj`` into gate/up, a tied head left out."""
+    model = unwrap_model(model)
+    config = model.config
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    out: dict[str, Any] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        if name.endswith("self_attn.qkv_proj.weight"):
+            prefix = name[: -len("qkv_proj.weight")]
+            q, k, v = tensor.split((q_rows, kv_rows, kv_rows), dim=0)
+            out[prefix + "q_proj.weight"], out[prefix + "k_proj.weight"], out[prefix + "v_proj.weight"] = q, k, v
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            prefix = name[: -len("gate_up_proj.weight")]
+            out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = tensor.chunk(2, dim=0)
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        else:
+            out[name] = tensor
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def check_finite(path: str | os.PathLike, name: str, t: Any) -> None:
+    """Raise CheckpointError if a float tensor holds NaN or infinity (no export writes those)."""
+    import torch
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    if math.isfinite(float(t.sum(dtype=torch.float64))):  # fast path: one reduction, no mask
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise CheckpointError(path, f"cannot export: weight {name} holds {bad} non-finite value(s) (NaN or "
+                                    "infinity; the training diverged?), so nothing was written "
+                                    "权重含 NaN 或无穷大，未写出任何文件")
+
+
 def plain_state(path: str | os.PathLike, value: Any, where: str = "train_state") -> Any:
     """A copy of ``value`` made only of dict, list, tuple, None, bool, int, float, str and CPU
     tensors (what ``torch.load(weights_only=True)`` reads back). Anything else raises

@@ -18,10 +18,12 @@ from .common import (
     CheckpointError,
     build_loaded,
     check_config_sizes,
+    check_finite,
     dir_size,
     fill_metadata,
     replace_folder,
     tokenizer_string,
+    unfused_state,
     unwrap_model,
 )
 
@@ -175,24 +177,7 @@ def hf_llama_config(config: DIYConfig, *, bos_token_id: int | None = None,
 
 def to_hf_state_dict(model: DIYForCausalLM) -> dict[str, Tensor]:
     """Our weights under Hugging Face Llama names (fused matrices split; a tied head left out)."""
-    config = model.config
-    q_rows = config.num_heads * config.head_dim
-    kv_rows = config.num_kv_heads * config.head_dim
-    out: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
-        if name.endswith("self_attn.qkv_proj.weight"):
-            prefix = name[: -len("qkv_proj.weight")]
-            q, k, v = tensor.split((q_rows, kv_rows, kv_rows), dim=0)
-            out[prefix + "q_proj.weight"], out[prefix + "k_proj.weight"], out[prefix + "v_proj.weight"] = q, k, v
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            prefix = name[: -len("gate_up_proj.weight")]
-            out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = tensor.chunk(2, dim=0)
-        elif name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        else:
-            out[name] = tensor
-    return {name: t.contiguous() for name, t in out.items()}
+    return unfused_state(model)
 
 
 def from_hf_state_dict(state: dict[str, Tensor], config: DIYConfig) -> dict[str, Tensor]:
@@ -268,9 +253,7 @@ def export_hf(directory: str | Any, model: DIYForCausalLM, tokenizer: Any, *,
     state = {}
     for name, t in to_hf_state_dict(model).items():
         t = t.detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise CheckpointError(directory, f"cannot export: weight {name} holds non-finite values (NaN or "
-                                             "infinity; the training diverged?)")
+        check_finite(directory, name, t)
         state[name] = t.clone().contiguous()  # fused q/k/v views must not share memory in safetensors
     tok_bytes = tok_text.encode("utf-8") if tok_text is not None else None
     header_meta = {"format": "pt", "diyapp_format": HF_FORMAT, "diyapp_format_version": str(HF_VERSION),

@@ -36,6 +36,7 @@ from .common import (
     LoadedModel,
     atomic_write,
     build_loaded,
+    check_finite,
     check_format_header,
     fill_metadata,
     first_line,
@@ -67,21 +68,6 @@ class _Layout(Exception):
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-def _check_finite(path: Path, name: str, t: Any) -> None:
-    """Raise CheckpointError if a float tensor holds NaN or infinity (JSON has no such numbers)."""
-    import torch
-
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    if math.isfinite(float(t.sum(dtype=torch.float64))):  # fast path: one reduction, no mask
-        return
-    bad = int((~torch.isfinite(t)).sum())
-    if bad:
-        raise CheckpointError(path, f"cannot export: tensor {name} holds {bad} non-finite value(s) (NaN or "
-                                    "infinity; the training diverged?); JSON has no such numbers, so nothing "
-                                    "was written")
-
 
 def _tensor_spec(path: Path, name: str, t: Any, dtype: str | None = None) -> bytes:
     """``"name":{"shape":..,"dtype":..,"data":[..]}`` for one tensor; refuses non-finite values."""
@@ -174,7 +160,7 @@ def save_model_json(path: str | os.PathLike, model: Any, tokenizer: Any, *, meta
         lines.append(b'"train_state":' + orjson.dumps(encoded) + b",\n")
     # Check every weight before writing any (a diverged model fails fast).
     for name, t in list(state.items()) + list(state_tensors.items()):
-        _check_finite(path, name, t)
+        check_finite(path, name, t)
 
     def pieces() -> Iterator[bytes]:
         yield from lines

@@ -327,14 +327,22 @@ class App:
                 Option(".pt 二进制（推荐，可继续训练） binary, recommended, resumable", "pt"),
                 Option("JSON 导出（其他工具可读） export, readable by other tools", "json"),
                 Option("两者都要 both", "both"),
+                Option("GGUF（llama.cpp / Ollama 可运行） runs in llama.cpp and Ollama", "gguf"),
             ], default="pt")
+            gguf_type = "f32"
+            if fmt == "gguf":
+                gguf_type = self.prompter.select("GGUF 权重类型 weight type", [
+                    Option("f32 精确，与本程序同样的输出 exact, the same tokens as here", "f32"),
+                    Option("f16 一半大小 half the size", "f16"),
+                    Option("q8_0 约四分之一大小 about a quarter of the size", "q8_0"),
+                ], default="f32")
             for one in (("pt", "json") if fmt == "both" else (fmt,)):
-                saved.append(self._save_one(bench, one, wf.default_path(one)))
+                saved.append(self._save_one(bench, one, wf.default_path(one), gguf_type=gguf_type))
         except (KeyboardInterrupt, EOFError):
             self.say("已取消保存 save cancelled", "yellow")
         return saved
 
-    def _save_one(self, bench: wf.Workbench, fmt: str, default: Path) -> wf.SavedFile:
+    def _save_one(self, bench: wf.Workbench, fmt: str, default: Path, gguf_type: str = "f32") -> wf.SavedFile:
         from ..formats.common import CheckpointError
 
         while True:
@@ -345,7 +353,7 @@ class App:
                 continue
             try:
                 with self.console.status(f"正在保存 saving {path} …"):
-                    saved = wf.save(bench, path, fmt)
+                    saved = wf.save(bench, path, fmt, gguf_type=gguf_type)
             except (CheckpointError, OSError, TypeError) as err:
                 self.error(f"保存失败 could not save: {err}")
                 continue

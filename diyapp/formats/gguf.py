@@ -1,0 +1,237 @@
+"""The GGUF export: a single ``.gguf`` file that llama.cpp, Ollama and LM Studio run as a Llama model.
+
+Written with the ``gguf`` package (llama.cpp's own writer): architecture ``llama``, every
+hyperparameter key llama.cpp reads, the weights under llama.cpp's tensor names and the tokenizer
+as a ``gpt2``-type byte-level BPE, so llama.cpp tokenises any text to the ids our tokenizer gives.
+
+Two layout details (the same ones llama.cpp's ``convert_hf_to_gguf.py`` handles for Hugging Face
+Llama checkpoints, whose layout ours matches, see ``formats/hf.py``):
+
+* our fused ``qkv_proj`` / ``gate_up_proj`` matrices are split into q, k, v and gate, up;
+* our rotary embedding rotates the two halves of each head (``rotate_half``), llama.cpp's rotates
+  neighbouring pairs, so the rows of q and k are reordered within each head: row ``i`` of the
+  first half goes to ``2i`` and row ``i`` of the second half to ``2i + 1``.
+
+Beside ``X.gguf`` an Ollama Modelfile ``X.Modelfile`` is written (``FROM ./X.gguf``, ChatML, our
+sampling). Our config and training metadata ride along as ``diyapp.config`` / ``diyapp.metadata``.
+This is an export only: diyapp does not load GGUF files back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .common import (
+    CheckpointError,
+    atomic_path,
+    atomic_write,
+    check_finite,
+    fill_metadata,
+    unfused_state,
+    unwrap_model,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from torch import Tensor
+
+    from ..config import DIYConfig
+
+#: The weight types one can choose; norms (1-D tensors) are always written as f32.
+GGUF_TYPES = ("f32", "f16", "q8_0")
+DEFAULT_GGUF_TYPE = "f32"
+#: The pre-tokenizer name llama.cpp knows for GPT-2's split (``'s|'t|..| ?\\p{L}+| ?\\p{N}+|..``),
+#: which is what ``tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)`` does.
+PRE_TOKENIZER = "gpt-2"
+#: Ollama's Go template for ChatML (the same turns as our chat template).
+OLLAMA_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+                   '<|im_start|>assistant\n')
+
+
+def rotary_to_interleaved(w: "Tensor", n_heads: int) -> "Tensor":
+    """Rows of a q or k projection reordered from the rotate-half layout (per head: first halves,
+    then second halves) to llama.cpp's pairwise layout (per head: x0, y0, x1, y1, ...)."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(model: Any) -> dict[str, "Tensor"]:
+    """Our weights under llama.cpp names in llama.cpp's layout, float32 on the CPU (a tied head is
+    left out: llama.cpp then uses ``token_embd`` for the output, as we do)."""
+    import gguf
+    import torch
+
+    model = unwrap_model(model)
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_layers)
+    out: dict[str, Tensor] = {}
+    for hf_name, t in unfused_state(model).items():
+        t = t.detach().to("cpu", torch.float32)
+        if hf_name.endswith("q_proj.weight"):
+            t = rotary_to_interleaved(t, config.num_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            t = rotary_to_interleaved(t, config.num_kv_heads)
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if name is None:  # pragma: no cover - a model change this exporter does not know yet
+            raise ValueError(f"no llama.cpp name for weight {hf_name}")
+        out[name] = t.contiguous()
+    return out
+
+
+def _token_lists(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens (as stored in the BPE vocabulary: GPT-2 byte characters), their llama.cpp types
+    (special tokens are control tokens; rows the tokenizer does not use are padding) and merges."""
+    import gguf
+
+    doc = json.loads(tokenizer.to_str())
+    vocab = doc["model"]["vocab"]
+    specials = {t["id"]: t["content"] for t in doc.get("added_tokens", []) if t.get("special")}
+    by_id = {i: tok for tok, i in vocab.items()}
+    by_id.update(specials)
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in specials:
+            tokens.append(specials[i])
+            types.append(int(gguf.TokenType.CONTROL))
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.NORMAL))
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def _weight_array(name: str, t: "Tensor", gguf_type: str) -> tuple["np.ndarray", Any]:
+    """The array to store and its raw GGML type (None: the numpy dtype says it)."""
+    import gguf
+    import numpy as np
+
+    data = t.numpy()
+    if data.ndim == 1 or gguf_type == "f32":
+        return data.astype(np.float32), None
+    if gguf_type == "q8_0":
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        block, _ = gguf.GGML_QUANT_SIZES[qtype]
+        if data.shape[-1] % block == 0:
+            return gguf.quants.quantize(data, qtype), qtype
+    return data.astype(np.float16), None  # f16, or a q8_0 row that does not fill whole blocks
+
+
+def _sampling() -> Any:
+    from ..generation import GenerationConfig
+
+    return GenerationConfig()
+
+
+def export_gguf(path: str | os.PathLike, model: Any, tokenizer: Any, *, gguf_type: str = DEFAULT_GGUF_TYPE,
+                metadata: dict[str, Any] | None = None, modelfile: bool = True) -> Path:
+    """Write ``path`` (a ``.gguf`` file for llama.cpp / Ollama) and, with ``modelfile``, an Ollama
+    Modelfile beside it (:func:`modelfile_path`). ``gguf_type`` is "f32" (exact), "f16" or "q8_0". Refuses (with
+    :class:`CheckpointError`, writing nothing) a model without tokenizer or with non-finite
+    weights. Returns the path of the ``.gguf`` file."""
+    import gguf
+
+    path = Path(path)
+    if gguf_type not in GGUF_TYPES:
+        raise CheckpointError(path, f"unknown GGUF type {gguf_type!r} 未知类型; choose one of {', '.join(GGUF_TYPES)}")
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; give a file name ending in .gguf 请给出 .gguf 文件名")
+    model = unwrap_model(model)
+    config: DIYConfig = model.config
+    if tokenizer is None or isinstance(tokenizer, str):
+        raise CheckpointError(path, "cannot export: the model has no tokenizer 模型没有分词器")
+    tensors = gguf_tensors(model)
+    for name, t in tensors.items():
+        check_finite(path, name, t)
+    tokens, types, merges = _token_lists(tokenizer, config.vocab_size)
+    meta = fill_metadata(path, model, metadata)
+    g = _sampling()
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(str(meta.get("name") or path.stem))
+    writer.add_description("diyapp: a small GPT trained from scratch")
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    eos, im_end = tokenizer.eos_token_id, tokenizer.im_end_id
+    writer.add_bos_token_id(eos)  # GPT-2's convention; never added (add_bos_token is false)
+    writer.add_eos_token_id(eos)
+    writer.add_eot_token_id(im_end)  # a chat turn ends here
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+    writer.add_string("diyapp.config", json.dumps(config.to_dict()))
+    writer.add_string("diyapp.metadata", json.dumps(meta, ensure_ascii=False))
+    writer.add_sampling_temp(g.temperature)
+    if g.top_k:
+        writer.add_sampling_top_k(g.top_k)
+    if g.top_p:
+        writer.add_sampling_top_p(g.top_p)
+    for name, t in tensors.items():
+        data, raw_dtype = _weight_array(name, t, gguf_type)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    with atomic_path(path) as tmp:
+        writer.open_output_file(tmp)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+    if modelfile:
+        write_modelfile(modelfile_path(path), path, config)
+    return path
+
+
+def modelfile_path(gguf_path: str | os.PathLike) -> Path:
+    """Where the Modelfile of ``X.gguf`` goes: ``X.Modelfile`` beside it (``ollama create NAME -f X.Modelfile``)."""
+    path = Path(gguf_path)
+    return path.with_name(path.stem + ".Modelfile")
+
+
+def modelfile_text(gguf_path: str | os.PathLike, config: "DIYConfig") -> str:
+    """An Ollama Modelfile for ``gguf_path`` (referred to beside the Modelfile): ChatML turns,
+    ``<|im_end|>`` as the stop token, our default sampling settings and context length."""
+    g = _sampling()
+    lines = [f"FROM ./{Path(gguf_path).name}", "", f'TEMPLATE """{OLLAMA_TEMPLATE}"""', "",
+             'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"',
+             f"PARAMETER temperature {g.temperature}"]
+    if g.top_k:
+        lines.append(f"PARAMETER top_k {g.top_k}")
+    if g.top_p:
+        lines.append(f"PARAMETER top_p {g.top_p}")
+    lines += [f"PARAMETER repeat_penalty {g.repetition_penalty}", f"PARAMETER num_predict {g.max_new_tokens}",
+              f"PARAMETER num_ctx {config.max_seq_len}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike, config: "DIYConfig") -> Path:
+    """Write :func:`modelfile_text` to ``path`` atomically."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        f.write(modelfile_text(gguf_path, config).encode("utf-8"))
+    return path
