@@ -227,6 +227,16 @@ def test_save_flow_both_formats_with_defaults(pipe, prompter, console, bench):
     assert "已保存到 saved to checkpoints/model_final.pt" in output(console)
 
 
+def test_save_flow_offers_gguf_with_its_weight_type(pipe, prompter, console, bench):
+    gguf = pytest.importorskip("gguf")
+    app = App(console, prompter, preload=False)
+    pipe.send_text("\r4\r3\r\r")                                        # yes, GGUF, q8_0, default path
+    [saved] = app.save_flow(bench)
+    assert saved.path == Path("exports/model_final.gguf") and saved.format == "gguf"
+    assert Path("exports/model_final.Modelfile").is_file()
+    assert gguf.GGUFReader(saved.path).get_field("general.file_type").contents() == 7  # mostly q8_0
+
+
 def test_save_flow_refuses_bad_paths_and_asks_before_overwriting(pipe, prompter, console, bench, tmp_path):
     app = App(console, prompter, preload=False)
     (tmp_path / "checkpoints").mkdir()

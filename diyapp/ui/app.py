@@ -353,7 +353,7 @@ class App:
                 continue
             try:
                 with self.console.status(f"正在保存 saving {path} …"):
-                    saved = wf.save(bench, path, fmt, gguf_type=gguf_type)
+                    saved = wf.save(bench, path, fmt, **({"gguf_type": gguf_type} if fmt == "gguf" else {}))
             except (CheckpointError, OSError, TypeError) as err:
                 self.error(f"保存失败 could not save: {err}")
                 continue
