@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer, generate  # noqa: E402
 from diyapp.formats.catalog import load_checkpoint  # noqa: E402
 from diyapp.formats.gguf import GGUF_TYPES, export_gguf  # noqa: E402
+from tests.helpers.llama_cpp_check import greedy_llama, open_llama  # noqa: E402
 
 SONGCI = REPO.parent / "shared" / "corpora" / "songci.txt"
 EMOJI = ["😀", "🎉", "👍🏽", "❤️", "🇨🇳", "👨‍👩‍👧", "🤖", "✨", "🌸", "🍵"]
@@ -85,17 +86,6 @@ def count_equal(llm, tok, texts: list[str]) -> tuple[int, list[str]]:
     return len(texts) - len(bad), bad[:5]
 
 
-def greedy_llama(llm, prompt: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a diyapp checkpoint or export to use instead of a fresh one")
@@ -104,7 +94,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gguf.json"))
     args = ap.parse_args()
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401
     except ImportError:
         print("llama_cpp is not installed: pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl")
         return 1
@@ -128,8 +118,7 @@ def main() -> int:
                  for t in GGUF_TYPES}
         report["sizes"] = {t: p.stat().st_size for t, p in paths.items()}
         n_ctx = model.config.max_seq_len
-        llm = llama_cpp.Llama(model_path=str(paths["f32"]), n_ctx=n_ctx, logits_all=True, verbose=False,
-                              n_threads=2, type_k=0, type_v=0)
+        llm = open_llama(paths["f32"], n_ctx)
         start = time.perf_counter()
         seen, seen_bad = count_equal(llm, tok, lines[:cut])
         held, held_bad = count_equal(llm, tok, lines[cut:])
@@ -148,8 +137,7 @@ def main() -> int:
         prompts += [tok.encode_chat(c, add_generation_prompt=True)[0] for c in CHATS]
         greedy = {}
         for t, path in paths.items():
-            one = llm if t == "f32" else llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True,
-                                                         verbose=False, n_threads=2, type_k=0, type_v=0)
+            one = llm if t == "f32" else open_llama(path, n_ctx)
             same = 0
             for p in prompts:
                 ours = generate(model, p, max_new_tokens=new, temperature=0.0)[0, len(p):].tolist()

@@ -11,6 +11,7 @@ from diyapp.formats.common import CheckpointError
 from diyapp.formats.gguf import export_gguf, modelfile_path, modelfile_text, rotary_to_interleaved
 
 from .conftest import SHARED, make_model
+from .helpers.llama_cpp_check import greedy_llama, open_llama
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is a dependency: pip install -e .")
 
@@ -232,19 +233,7 @@ def test_cli_export_gguf_and_its_errors(tmp_path, tok, tied, capsys):
 # --- llama.cpp itself ------------------------------------------------------------------------------
 
 def _llama(path, n_ctx=160):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                           type_k=0, type_v=0)  # (0 = GGML_TYPE_F32: a float32 cache, not the f16 default)
-
-
-def _greedy_llama(llm, prompt, n):
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    return out
+    return open_llama(path, n_ctx)
 
 
 def _greedy_ours(model, prompt, n):
@@ -272,7 +261,7 @@ def test_llama_cpp_continues_and_scores_like_us(tmp_path, tok, which, request):
     llm = _llama(export_gguf(tmp_path / f"{which}.gguf", model, tok))
     prompts = [tok.encode(p) for p in PROMPTS] + [tok.encode_chat(c, add_generation_prompt=True)[0] for c in CHATS]
     for prompt in prompts:
-        assert _greedy_llama(llm, prompt, 64) == _greedy_ours(model, prompt, 64), tok.decode(prompt)
+        assert greedy_llama(llm, prompt, 64) == _greedy_ours(model, prompt, 64), tok.decode(prompt)
     prompt = prompts[-1]
     llm.reset()
     llm.eval(prompt)
