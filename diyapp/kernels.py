@@ -261,6 +261,8 @@ class _SwiGLU(torch.autograd.Function):
 
 #: Logits per block in :class:`_LinearCrossEntropy`: 4M floats (16 MB), 655 rows at vocabulary 6400.
 LOSS_BLOCK_ELEMENTS = 1 << 22
+#: The low-precision loss runs its products on row blocks of a multiple of this many rows.
+ROW_MULTIPLE = 64
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
@@ -360,13 +362,19 @@ class _LowPrecisionLinearCrossEntropy(torch.autograd.Function):
                 block_rows: int, low: torch.dtype) -> Tensor:
         rows = hidden.shape[0]
         h_all, w = hidden.to(low), weight.to(low)
+        # Blocks of a few fixed sizes (multiples of ROW_MULTIPLE, the last one zero-padded): a new
+        # shape costs a bf16 product on a CPU a kernel compilation, longer than the product.
+        block_rows = max(ROW_MULTIPLE, block_rows // ROW_MULTIPLE * ROW_MULTIPLE)
+        padded = -(-rows // ROW_MULTIPLE) * ROW_MULTIPLE
+        if padded > rows:
+            h_all = torch.cat([h_all, h_all.new_zeros(padded - rows, h_all.shape[1])])
         grad_hidden = torch.empty_like(h_all) if want_grad else None
         grad_weight = torch.zeros_like(w) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         row = torch.arange(min(block_rows, rows), device=hidden.device)
-        for begin in range(0, rows, block_rows):
+        for begin in range(0, padded, block_rows):
             h = h_all[begin:begin + block_rows]
-            t = targets[begin:begin + block_rows]
+            t = targets[begin:begin + block_rows]  # the real rows: zero padding adds nothing to grad_weight
             probs = torch.softmax(torch.mm(h, w.t()), dim=-1)
             picked = probs[row[:len(t)], t]
             total -= picked.float().clamp_min_(1e-30).log_().sum()
@@ -374,6 +382,8 @@ class _LowPrecisionLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = probs.index_put_((row[:len(t)], t), picked - 1)
                 torch.mm(grad_logits, w, out=grad_hidden[begin:begin + block_rows])
                 grad_weight.addmm_(grad_logits.t(), h)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden[:rows]
         return _keep_gradients(ctx, hidden, weight, grad_hidden, grad_weight, total)
 
     @staticmethod

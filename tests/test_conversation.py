@@ -156,7 +156,6 @@ def test_a_training_row_is_what_the_chat_prompts_and_learns_every_answer(tokeniz
     ids, lengths, mask, count = _collate(pieces, [[0, 6]], tokenizer.pad_token_id, torch.device("cpu"))
     row, m = ids[0, :int(lengths[0])].tolist(), mask[0, :int(lengths[0])].tolist()
     history, last = DIALOGUES[0], DIALOGUES[6]
-    conversation = history + last[:2]
     prompt, _, _ = build_prompt(tokenizer, history, last[0]["content"], 128, 8)
     assert row[:len(prompt)] == prompt
     whole, whole_mask = tokenizer.encode_chat(history + last)
@@ -165,7 +164,27 @@ def test_a_training_row_is_what_the_chat_prompts_and_learns_every_answer(tokeniz
                if x["role"] == "assistant"]
     learned = [t for t, k in zip(row, m) if k]
     assert learned == [t for a in answers for t in a]
-    assert count == sum(m[1:]) and conversation  # every assistant token is a target
+    assert count == len(learned)  # every assistant token is a target, and only those
+
+
+def test_rounded_batch_width_changes_nothing_but_the_shape(tokenizer):
+    """Batches are right-padded to a multiple of WIDTH_MULTIPLE tokens (never past the context) so
+    bf16 kernels see few shapes; the padding is not a target and the loss is the same."""
+    from diyapp.train import WIDTH_MULTIPLE
+
+    pieces = encode_dialogues(tokenizer, DIALOGUES, 128)
+    rows = [[0], [1, 2]]
+    natural = _collate(pieces, rows, tokenizer.pad_token_id, torch.device("cpu"))
+    padded = _collate(pieces, rows, tokenizer.pad_token_id, torch.device("cpu"), max_width=128)
+    width = natural[0].shape[1]
+    assert width % WIDTH_MULTIPLE and padded[0].shape[1] == -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    assert torch.equal(padded[0][:, :width], natural[0]) and torch.equal(padded[1], natural[1])
+    assert padded[3] == natural[3] and not padded[2][:, width:].any()
+    assert _collate(pieces, rows, tokenizer.pad_token_id, torch.device("cpu"), max_width=width)[0].shape[1] == width
+    model = make_model(tokenizer, seed=0, max_seq_len=128)
+    model.eval()
+    losses = [model.compute_loss(ids, seq_lengths=lengths, loss_mask=mask) for ids, lengths, mask, _ in (natural, padded)]
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
 
 
 def test_trainer_rows_are_conversations_and_resume_on_the_same_rows(tokenizer):

@@ -79,14 +79,15 @@ def test_causal_attention_kernel_matches_sdpa_in_bf16(monkeypatch, block_rows):
         assert _relative_error(g, r) < 1e-2
 
 
-@pytest.mark.parametrize("block_rows", [7, 1000])
-def test_linear_cross_entropy_under_bf16_autocast_matches_reference(block_rows):
-    """The autocast path (bf16 products and softmax) against the float32 reference: loss to 1e-2,
-    gradients to bf16 precision, returned in the inputs' dtypes."""
+@pytest.mark.parametrize("rows,block_rows", [(50, 7), (50, 1000), (150, 64), (128, 64)])
+def test_linear_cross_entropy_under_bf16_autocast_matches_reference(rows, block_rows):
+    """The autocast path (bf16 products and softmax, rows zero-padded to blocks of a multiple of
+    ROW_MULTIPLE) against the float32 reference: loss to 1e-2, gradients to bf16 precision,
+    returned in the inputs' dtypes and shapes."""
     gen = torch.Generator().manual_seed(5)
-    hidden = torch.randn(50, 16, generator=gen)
+    hidden = torch.randn(rows, 16, generator=gen)
     weight = torch.randn(40, 16, generator=gen)
-    targets = torch.randint(0, 40, (50,), generator=gen)
+    targets = torch.randint(0, 40, (rows,), generator=gen)
 
     def fused(h, w):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -95,6 +96,7 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_reference(block_rows):
     got, got_grads = _grads(fused, [hidden, weight])
     ref, ref_grads = _grads(lambda h, w: kernels.linear_cross_entropy_reference(h, w, targets), [hidden, weight])
     assert got[0].dtype == torch.float32 and [g.dtype for g in got_grads] == [torch.float32] * 2
+    assert [g.shape for g in got_grads] == [hidden.shape, weight.shape]
     _close(got, ref, 1e-2, 1e-2)
     for g, r in zip(got_grads, ref_grads):
         assert _relative_error(g, r) < 1e-2
