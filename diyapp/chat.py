@@ -3,7 +3,6 @@ question/answer hit rate used to judge training. No UI here; the app and the CLI
 
 from __future__ import annotations
 
-import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, generate, stream_text
 from .model import DIYForCausalLM
 from .tokenizer import DIYTokenizer
 
@@ -99,38 +98,15 @@ class ChatSession:
         budget = answer_budget(self.settings, max_len)
         ids, dropped, truncated = build_prompt(self.tokenizer, self.history, message, max_len, budget)
         max_new = min(self.settings.max_new_tokens, max_len - len(ids))
-        decoder = self.tokenizer.stream_decoder()
-        pieces: list[str] = []
-        count = 0
-
-        def take(token: int) -> None:
-            nonlocal count
-            count += 1
-            piece = decoder.push(token)
-            if piece:
-                pieces.append(piece)
-                if on_text is not None:
-                    on_text(piece)
-
-        started = time.perf_counter()
-        out = generate(self.model, ids, max_new, temperature=self.settings.temperature, top_k=self.settings.top_k,
-                       top_p=self.settings.top_p, repetition_penalty=self.settings.repetition_penalty,
-                       eos_token_id=self.tokenizer.im_end_id, seed=seed, on_token=take,
-                       guard=self.tokenizer.utf8_guard(self.model.config.vocab_size), stop_loops=True)
-        seconds = time.perf_counter() - started
-        tail = decoder.flush(drop_partial=True)  # only a reply cut at its limit can end mid-character
-        if tail:
-            pieces.append(tail)
-            if on_text is not None:
-                on_text(tail)
-        finished = int(out[0, -1]) == self.tokenizer.im_end_id
-        stop = "end" if finished else "limit" if count >= max_new else "loop"
-        text = "".join(pieces).strip()
+        out = stream_text(self.model, ids, max_new, self.settings, self.tokenizer.stream_decoder(),
+                          self.tokenizer.utf8_guard(self.model.config.vocab_size), self.tokenizer.im_end_id,
+                          on_text, seed)
+        text = out.text.strip()
         if dropped:
             self.history = self.history[dropped:]
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": text}]
-        return Reply(text=text, tokens=count + (1 if finished else 0), seconds=seconds,
-                     dropped_turns=dropped // 2, truncated_prompt=truncated, stop=stop)
+        return Reply(text=text, tokens=out.tokens, seconds=out.seconds,
+                     dropped_turns=dropped // 2, truncated_prompt=truncated, stop=out.stop)
 
 
 @dataclass

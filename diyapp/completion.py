@@ -8,11 +8,10 @@ No UI here; the app and the CLI render it.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, stream_text
 from .model import DIYForCausalLM
 from .tokenizer import DIYTokenizer
 
@@ -61,34 +60,10 @@ def complete(model: DIYForCausalLM, tokenizer: DIYTokenizer, prompt: str,
     max_len = model.config.max_seq_len
     room = max(1, min(settings.max_new_tokens, max_len // 2))
     ids, truncated = prompt_ids(tokenizer, prompt, max_len, room)
-    decoder = tokenizer.stream_decoder()
-    pieces: list[str] = []
-    count = 0
-
-    def take(token: int) -> None:
-        nonlocal count
-        count += 1
-        piece = decoder.push(token)
-        if piece:
-            pieces.append(piece)
-            if on_text is not None:
-                on_text(piece)
-
-    started = time.perf_counter()
-    out = generate(model, ids, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                   top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-                   eos_token_id=tokenizer.eos_token_id, seed=seed, on_token=take,
-                   guard=tokenizer.utf8_guard(model.config.vocab_size), stop_loops=True)
-    seconds = time.perf_counter() - started
-    tail = decoder.flush(drop_partial=True)
-    if tail:
-        pieces.append(tail)
-        if on_text is not None:
-            on_text(tail)
-    finished = settings.max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == tokenizer.eos_token_id
-    stop = "end" if finished else "limit" if count >= settings.max_new_tokens else "loop"
-    return Completion(prompt=prompt, text="".join(pieces), tokens=count + (1 if finished else 0), seconds=seconds,
-                      finished=finished, truncated_prompt=truncated, stop=stop)
+    out = stream_text(model, ids, settings.max_new_tokens, settings, tokenizer.stream_decoder(),
+                      tokenizer.utf8_guard(model.config.vocab_size), tokenizer.eos_token_id, on_text, seed)
+    return Completion(prompt=prompt, text=out.text, tokens=out.tokens, seconds=out.seconds,
+                      finished=out.finished, truncated_prompt=truncated, stop=out.stop)
 
 
 def sample_prompts(texts: Sequence[str], count: int = 3) -> list[str]:

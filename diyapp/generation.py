@@ -3,8 +3,9 @@ decode loop over the preallocated KV cache."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -329,3 +330,58 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
         torch.set_num_threads(threads)
         model.train(was_training)
     return seq[:, :total]
+
+
+class TextDecoder(Protocol):
+    """Turns tokens into text as they come (``DIYTokenizer.stream_decoder()``)."""
+
+    def push(self, token: int) -> str: ...
+
+    def flush(self, drop_partial: bool = False) -> str: ...
+
+
+@dataclass
+class StreamedText:
+    """What :func:`stream_text` produced: the text, the tokens generated (the end token
+    included), the seconds it took, and why it stopped: "end" (the model's end token), "limit"
+    (``max_new_tokens``) or "loop" (the repetition guard)."""
+
+    text: str
+    tokens: int
+    seconds: float
+    stop: str
+
+    @property
+    def finished(self) -> bool:
+        return self.stop == "end"
+
+
+def stream_text(model: DIYForCausalLM, ids: list[int], max_new_tokens: int, settings: GenerationConfig,
+                decoder: TextDecoder, guard: Utf8Guard, eos_token_id: int,
+                on_text: Callable[[str], object] | None = None, seed: int | None = None) -> StreamedText:
+    """Continue ``ids`` with ``settings``, streaming whole characters to ``on_text``: the one
+    generation loop behind the chat and text completion (UTF-8 guard and loop stop on). A
+    KeyboardInterrupt propagates after the part already streamed."""
+    pieces: list[str] = []
+    count = 0
+
+    def emit(piece: str) -> None:
+        if piece:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+    def take(token: int) -> None:
+        nonlocal count
+        count += 1
+        emit(decoder.push(token))
+
+    started = time.perf_counter()
+    out = generate(model, ids, max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                   top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+                   eos_token_id=eos_token_id, seed=seed, on_token=take, guard=guard, stop_loops=True)
+    seconds = time.perf_counter() - started
+    emit(decoder.flush(drop_partial=True))  # only a reply cut at its limit can end mid-character
+    finished = max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == eos_token_id
+    stop = "end" if finished else "limit" if count >= max_new_tokens else "loop"
+    return StreamedText(text="".join(pieces), tokens=count + finished, seconds=seconds, stop=stop)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import diyapp.chat as chat
+import diyapp.generation as generation
 from diyapp.chat import ChatSession
 from diyapp.generation import GenerationConfig
 
@@ -17,13 +17,13 @@ GREEDY = GenerationConfig(max_new_tokens=6, temperature=0.0)
 def record_prompts(monkeypatch) -> list[list[int]]:
     """Every prompt the chat hands to ``generate``, as a list of token ids, in order."""
     prompts: list[list[int]] = []
-    real = chat.generate
+    real = generation.generate
 
     def spy(model, input_ids, *args, **kwargs):
         prompts.append([int(i) for i in input_ids])
         return real(model, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(chat, "generate", spy)
+    monkeypatch.setattr(generation, "generate", spy)
     return prompts
 
 

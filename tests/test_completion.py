@@ -42,7 +42,7 @@ def test_complete_stops_at_the_end_of_the_document(model, tokenizer, monkeypatch
             on_token(token)
         return torch.tensor([list(ids) + new])
 
-    monkeypatch.setattr("diyapp.completion.generate", fake_generate)
+    monkeypatch.setattr("diyapp.generation.generate", fake_generate)
     result = complete(model, tokenizer, "春天", GenerationConfig(max_new_tokens=20, temperature=0))
     assert seen["ids"] == [tokenizer.eos_token_id] + tokenizer.encode("春天")
     assert result.finished and result.text == "花开了"
