@@ -62,7 +62,7 @@ def test_a_file_size_limit_is_reported_alike_for_every_format(tmp_path):
     result = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"{tmp_path / name}: could not write: File too large"
+    assert result.stdout.splitlines() == [f"{tmp_path / name}: 写入失败 could not write: File too large"
                                           for name in ("m.pt", "m.json", "hf")]
     assert (tmp_path / "m.pt").read_bytes() == b"old pt" and (tmp_path / "m.json").read_bytes() == b"old json"
     assert temp_files(tmp_path) == []
@@ -89,7 +89,7 @@ def test_injected_os_errors_name_the_path_and_the_reason(fmt, code, where, tmp_p
         monkeypatch.setattr(common.os, "rename", fail)
     with pytest.raises(CheckpointError) as err:
         save(target, model, tokenizer)
-    assert str(err.value) == f"{target}: could not write: {os.strerror(code)}"
+    assert str(err.value) == f"{target}: 写入失败 could not write: {os.strerror(code)}"
     assert not target.exists() or fmt == "hf" and not any(target.iterdir())
     assert temp_files(tmp_path) == []
 
@@ -107,7 +107,7 @@ def test_the_cli_says_which_file_and_why_in_one_line(tmp_path, tokenizer):
                             capture_output=True, text=True, timeout=120, preexec_fn=limit,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {target}: could not write: File too large"
+    assert result.stderr.strip() == f"error: {target}: 写入失败 could not write: File too large"
 
 
 # --- leftovers of killed saves -------------------------------------------------------------------

@@ -72,7 +72,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "not found: no such file")
+        raise CheckpointError(path, "找不到这个文件 not found: no such file")
     fmt = _sniff_format(path)
     if fmt == "hf":
         return describe_hf(path)
@@ -85,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = None, strict: bool
     """Load a ``.pt`` checkpoint, a JSON export or a Hugging Face export folder, by its content."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "not found: no such file")
+        raise CheckpointError(path, "找不到这个文件 not found: no such file")
     fmt = _sniff_format(path)
     if fmt == "hf":
         return load_model_hf(path, device=device, strict=strict)

@@ -139,13 +139,13 @@ def export_gguf(path: str | os.PathLike, model: Any, tokenizer: Any, *, gguf_typ
 
     path = Path(path)
     if gguf_type not in GGUF_TYPES:
-        raise CheckpointError(path, f"unknown GGUF type {gguf_type!r} 未知类型; choose one of {', '.join(GGUF_TYPES)}")
+        raise CheckpointError(path, f"未知的 GGUF 类型 unknown GGUF type {gguf_type!r}; 可选 choose one of {', '.join(GGUF_TYPES)}")
     if path.is_dir():
-        raise CheckpointError(path, "is a folder; give a file name ending in .gguf 请给出 .gguf 文件名")
+        raise CheckpointError(path, "这是文件夹，请给出 .gguf 文件名 is a folder; give a file name ending in .gguf")
     model = unwrap_model(model)
     config: DIYConfig = model.config
     if tokenizer is None or isinstance(tokenizer, str):
-        raise CheckpointError(path, "cannot export: the model has no tokenizer 模型没有分词器")
+        raise CheckpointError(path, "模型没有词表，无法导出 cannot export: the model has no tokenizer")
     tensors = gguf_tensors(model)
     for name, t in tensors.items():
         check_finite(path, name, t)
