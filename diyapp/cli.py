@@ -22,6 +22,30 @@ class UsageError(Exception):
     """A bad combination of options, found after parsing (exit code 2)."""
 
 
+#: argparse's own complaints (English) and what they say in Chinese, matched by how they start.
+_ARGPARSE_CHINESE = (("the following arguments are required", "缺少必需的选项"),
+                     ("unrecognized arguments", "看不懂的参数"),
+                     ("expected one argument", "这个选项需要一个取值"),
+                     ("invalid choice", "不是可选的值"),
+                     ("ignored explicit argument", "这个选项不带取值"),
+                     ("not allowed with argument", "这两个选项不能一起用"),
+                     ("ambiguous option", "选项名不完整，有歧义"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors say what was wrong in Chinese, then argparse's English."""
+
+    def error(self, message: str) -> Any:  # argparse calls this and expects it not to return
+        if not _has_chinese(message):  # (the app's own argument types already say it in both)
+            chinese = next((zh for en, zh in _ARGPARSE_CHINESE if en in message), "参数有误")
+            message = f"{chinese} {message}"
+        super().error(message)
+
+
+def _has_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
 # --- argument types ------------------------------------------------------------------------------
 
 def _argument(parser: Callable[[str], Any], name: str) -> Callable[[str], Any]:
@@ -67,9 +91,19 @@ def _float(text: str) -> float:
 _float.__name__ = "number"
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"需要一个整数 must be a whole number (got {text!r})") from None
+
+
+_int.__name__ = "integer"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``python main.py``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python main.py",
         description="diyapp: train a small Chinese GPT from scratch, chat with it, save, resume and export it. "
                     "With no subcommand, opens the guided session (needs a terminal).",
@@ -156,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_options(parser: argparse.ArgumentParser, what: str) -> None:
     """The sampling flags chat and generate share."""
     parser.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (0 = greedy)")
-    parser.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens (0 = off)")
+    parser.add_argument("--top-k", type=_int, metavar="K", help="keep the K most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", help=f"longest {what} in tokens")
-    parser.add_argument("--seed", type=int, metavar="N", help="make the sampling repeatable")
+    parser.add_argument("--max-new-tokens", type=_int, metavar="N", help=f"longest {what} in tokens")
+    parser.add_argument("--seed", type=_int, metavar="N", help="make the sampling repeatable")
 
 
 def _add_save_options(parser: argparse.ArgumentParser, save_help: str) -> None:

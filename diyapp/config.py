@@ -58,25 +58,25 @@ class DIYConfig:
                      "intermediate_size", "max_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} 必须是正整数 must be a positive integer (got {value!r})")
         for name in ("dropout", "rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+                raise ConfigError(f"{name} 必须是有限的数字 must be a finite number (got {value!r})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout 必须在 0 到 1 之间（不含 1） must be in [0, 1) (got {self.dropout!r})")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("rms_norm_eps and rope_theta must be positive")
+            raise ConfigError("rms_norm_eps 和 rope_theta 必须是正数 rms_norm_eps and rope_theta must be positive")
         if not isinstance(self.tie_word_embeddings, bool):
-            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+            raise ConfigError(f"tie_word_embeddings 必须是 true 或 false must be true or false (got {self.tie_word_embeddings!r})")
         if self.hidden_size % self.num_heads != 0:
             raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+                f"宽度 hidden_size {self.hidden_size} 必须能被头数 num_heads {self.num_heads} 整除 hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.head_dim % 2 != 0:
-            raise ConfigError(f"head size hidden_size/num_heads = {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(f"每个头的宽度 {self.head_dim} 必须是偶数 head size hidden_size/num_heads = {self.head_dim} must be even for rotary embeddings")
         if self.num_heads % self.num_kv_heads != 0:
             raise ConfigError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+                f"头数 num_heads {self.num_heads} 必须是 num_kv_heads {self.num_kv_heads} 的倍数 num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict with every derived field resolved."""
@@ -86,15 +86,15 @@ class DIYConfig:
     def from_dict(cls, data: dict[str, Any]) -> "DIYConfig":
         """Build a config from :meth:`to_dict` output; unknown keys and bad shapes raise ConfigError."""
         if not isinstance(data, dict):
-            raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"模型配置必须是键值对象 a model config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"未知的配置字段 unknown config field(s): {', '.join(unknown)}")
         try:
             return cls(**data)
         except TypeError as exc:  # e.g. a string where a number belongs, caught before validate()
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(f"模型配置的字段有误 bad model config: {exc}") from None
 
 
 #: Named model sizes offered by the app: the default, and a larger one (about 29M parameters).
@@ -108,5 +108,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> DIYConfig:
     """A config from a named preset with optional field overrides."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"没有这个模型大小 unknown preset {name!r}; 可选 choose one of: {', '.join(PRESETS)}")
     return DIYConfig(**{**PRESETS[name], **overrides})

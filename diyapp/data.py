@@ -96,11 +96,11 @@ def load_corpus(path: str | os.PathLike[str]) -> Corpus:
         if p.is_dir():
             return _load_folder(p)
         if not p.exists():
-            raise DataError(f"{p}: no such file or folder", str(p))
+            raise DataError(f"{p}: 找不到这个文件或文件夹 no such file or folder", str(p))
         if not p.is_file():
-            raise DataError(f"{p}: not a regular file or folder", str(p))
+            raise DataError(f"{p}: 不是普通文件或文件夹 not a regular file or folder", str(p))
     except OSError as err:
-        raise DataError(f"{p}: cannot access ({err.strerror or err})", str(p)) from None
+        raise DataError(f"{p}: 无法访问 cannot access ({err.strerror or err})", str(p)) from None
     return _load_file(p, in_folder=False)
 
 
@@ -108,7 +108,7 @@ def load_pretraining(path: str | os.PathLike[str]) -> list[str]:
     """The pretraining documents found at ``path``; a :class:`DataError` if there are none."""
     corpus = load_corpus(path)
     if not corpus.texts:
-        raise DataError(f"{os.fspath(path)}: no pretraining texts found (it holds "
+        raise DataError(f"{os.fspath(path)}: 没有预训练文本，请当作对话数据加载 no pretraining texts found (it holds "
                         f"{len(corpus.dialogues)} dialogues: load it as chat data)", os.fspath(path))
     return corpus.texts
 
@@ -117,7 +117,7 @@ def load_chat(path: str | os.PathLike[str]) -> list[list[Message]]:
     """The dialogues found at ``path``; a :class:`DataError` if there are none."""
     corpus = load_corpus(path)
     if not corpus.dialogues:
-        raise DataError(f"{os.fspath(path)}: no chat dialogues found (it holds {len(corpus.texts)} "
+        raise DataError(f"{os.fspath(path)}: 没有对话，请当作预训练数据加载 no chat dialogues found (it holds {len(corpus.texts)} "
                         f"plain texts: load it as pretraining data)", os.fspath(path))
     return corpus.dialogues
 
@@ -128,7 +128,7 @@ def bundled_corpus() -> Corpus:
     for name in ("pretraining_data.json", "chat_training_data.json"):
         path = DATA_DIR / name
         if not path.is_file():
-            raise DataError(f"{path}: not found (the bundled data is missing from this installation)",
+            raise DataError(f"{path}: 找不到自带的数据，安装不完整 not found (the bundled data is missing from this installation)",
                             str(path))
         corpus = corpus.merged(_load_file(path, in_folder=False))
     return corpus
@@ -158,7 +158,7 @@ class _EntryError(Exception):
 
 def _load_folder(folder: Path) -> Corpus:
     def fail(err: OSError) -> None:
-        raise DataError(f"{err.filename}: cannot read folder ({err.strerror or err})", str(err.filename))
+        raise DataError(f"{err.filename}: 无法读取文件夹 cannot read folder ({err.strerror or err})", str(err.filename))
 
     found: list[Path] = []
     for root, dirs, files in os.walk(folder, onerror=fail):
@@ -167,7 +167,7 @@ def _load_folder(folder: Path) -> Corpus:
                   if not f.startswith(".") and Path(f).suffix.lower() in SUPPORTED_SUFFIXES]
     found.sort(key=lambda p: p.relative_to(folder).parts)
     if not found:
-        raise DataError(f"{folder}: no data found (no .json, .jsonl or .txt files in this folder)", str(folder))
+        raise DataError(f"{folder}: 没有找到数据 no data found (no .json, .jsonl or .txt files in this folder)", str(folder))
     corpus = Corpus()
     skipped: list[str] = []
     for path in found:
@@ -180,7 +180,7 @@ def _load_folder(folder: Path) -> Corpus:
             corpus.sources.append(f"{path} (skipped: {why})")
             skipped.append(path.name)
     if corpus.is_empty:
-        raise DataError(f"{folder}: no data found (skipped {', '.join(skipped)}: JSON objects, "
+        raise DataError(f"{folder}: 没有找到数据 no data found (skipped {', '.join(skipped)}: JSON objects, "
                         f"not arrays of texts or dialogues)", str(folder))
     return corpus
 
@@ -188,7 +188,7 @@ def _load_folder(folder: Path) -> Corpus:
 def _load_file(path: Path, in_folder: bool) -> Corpus:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {suffix or '(no extension)'!r} "
+        raise DataError(f"{path}: 不支持的文件类型，请用 .json、.jsonl 或 .txt unsupported file type {suffix or '(no extension)'!r} "
                         f"(expected .json, .jsonl or .txt, or a folder of them)", str(path))
     if suffix == ".txt":
         corpus = Corpus(texts=[doc for _, line in _read_lines(path) if (doc := line.strip())])
@@ -197,7 +197,7 @@ def _load_file(path: Path, in_folder: bool) -> Corpus:
     else:
         corpus = _parse_json(path, _read_text(path), in_folder)
     if corpus.is_empty:
-        raise DataError(f"{path}: no data found (the file is empty)", str(path))
+        raise DataError(f"{path}: 没有找到数据 no data found (the file is empty)", str(path))
     corpus.sources = [str(path)]
     return corpus
 
@@ -210,7 +210,7 @@ def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})", str(path)) from None
+        raise DataError(f"{path}: 无法读取 cannot read ({err.strerror or err})", str(path)) from None
     skipped = 3 if raw.startswith(_BOM) else 0
     try:
         return raw[skipped:].decode("utf-8") if skipped else raw.decode("utf-8")
@@ -236,35 +236,35 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
                     raise _not_utf8(path, line, err, number, offset + skipped + err.start) from None
                 offset += size
     except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})", str(path)) from None
+        raise DataError(f"{path}: 无法读取 cannot read ({err.strerror or err})", str(path)) from None
 
 
 def _not_utf8(path: Path, raw: bytes | memoryview, err: UnicodeDecodeError, line: int, offset: int) -> DataError:
-    hint = " (it looks like UTF-16)" if offset == err.start and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
-    return DataError(f"{path}: not UTF-8 text{hint}: byte 0x{raw[err.start]:02X} at line {line} "
+    hint = " (看起来是 UTF-16 it looks like UTF-16)" if offset == err.start and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+    return DataError(f"{path}: 不是 UTF-8 文本，请另存为 UTF-8 not UTF-8 text{hint}: byte 0x{raw[err.start]:02X} at line {line} "
                      f"(byte offset {offset}); save the file as UTF-8", str(path))
 
 
 def _parse_json(path: Path, text: str, in_folder: bool) -> Corpus:
     if not text.strip():
-        raise DataError(f"{path}: no data found (the file is empty)", str(path))
+        raise DataError(f"{path}: 没有找到数据 no data found (the file is empty)", str(path))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
+        raise DataError(f"{path}: JSON 格式错误 invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
                         str(path)) from None
     except (ValueError, RecursionError) as err:
-        raise DataError(f"{path}: invalid JSON: {err}", str(path)) from None
+        raise DataError(f"{path}: JSON 格式错误 invalid JSON: {err}", str(path)) from None
     if isinstance(data, dict):
         if in_folder:
             raise _SkipFile("a JSON object, not an array of texts or dialogues")
-        raise DataError(f"{path}: the top level is a JSON object; expected an array of strings "
+        raise DataError(f"{path}: 顶层应是数组，不是 JSON 对象 the top level is a JSON object; expected an array of strings "
                         f"(RustGPT-Chinese format) or of {{\"text\"}} / {{\"conversations\"}} objects",
                         str(path))
     if not isinstance(data, list):
-        raise DataError(f"{path}: the top level is {_kind(data)}; expected an array of strings", str(path))
+        raise DataError(f"{path}: 顶层应是数组 the top level is {_kind(data)}; expected an array of strings", str(path))
     if not data:
-        raise DataError(f"{path}: no data found (an empty array)", str(path))
+        raise DataError(f"{path}: 没有找到数据 no data found (an empty array)", str(path))
 
     def where(i: int) -> str:
         line = _array_entry_line(text, i)
@@ -282,10 +282,10 @@ def _parse_jsonl(path: Path, numbered_lines: Iterator[tuple[int, str]]) -> Corpu
         try:
             values.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {n}: invalid JSON at column {err.colno}: {err.msg}",
+            raise DataError(f"{path}: line {n}: JSON 格式错误 invalid JSON at column {err.colno}: {err.msg}",
                             str(path), f"line {n}") from None
         except (ValueError, RecursionError) as err:
-            raise DataError(f"{path}: line {n}: invalid JSON: {err}", str(path), f"line {n}") from None
+            raise DataError(f"{path}: line {n}: JSON 格式错误 invalid JSON: {err}", str(path), f"line {n}") from None
         lines.append(n)
     return _parse_values(path, values, lambda i: f"line {lines[i]}")
 
@@ -310,7 +310,7 @@ def _parse_values(path: Path, values: list[Any], where: Callable[[int], str]) ->
                 kind, item = _record(value)
                 (corpus.texts if kind == "text" else corpus.dialogues).append(item)
             else:
-                raise _EntryError(f"expected a string or an object with \"text\" or \"conversations\", "
+                raise _EntryError(f"应是字符串或带 text / conversations 的对象 expected a string or an object with \"text\" or \"conversations\", "
                                   f"got {_kind(value)}")
         except _EntryError as err:
             loc = where(i)
@@ -330,7 +330,7 @@ _MARKER = re.compile(r"(?<!\w)(用户|User|助手|Assistant)[ \t]*[:：]")
 _START = re.compile(r"\s*(系统|System|用户|User)[ \t]*[:：]")
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
                  "system": "system"}
-_NO_ASSISTANT = "no \"助手：\" / \"Assistant:\" marker"
+_NO_ASSISTANT = "缺少“助手：”标记 no \"助手：\" / \"Assistant:\" marker"
 
 
 def _is_marked(s: str) -> bool:
@@ -342,7 +342,7 @@ def _parse_marked(s: str) -> list[Message]:
     """``用户：…助手：…`` (more turns allowed) as a dialogue."""
     start = _START.match(s)
     if not start:
-        raise _EntryError("does not start with a \"用户：\" / \"User:\" marker")
+        raise _EntryError("没有以“用户：”开头 does not start with a \"用户：\" / \"User:\" marker")
     turns: list[tuple[str, int]] = [(_ROLE_OF_NAME[start.group(1)], start.end())]
     ends: list[int] = []
     for m in _MARKER.finditer(s, start.end()):
@@ -359,7 +359,7 @@ def _parse_marked(s: str) -> list[Message]:
 def _document(s: str) -> str:
     text = s.strip()
     if not text:
-        raise _EntryError("empty text")
+        raise _EntryError("文本是空的 empty text")
     return text
 
 
@@ -367,31 +367,31 @@ def _record(obj: dict[str, Any]) -> tuple[str, Any]:
     """A ``{"text": …}`` or ``{"conversations": [...]}`` object as ("text", str) or ("dialogue", list)."""
     conv_key = next((k for k in ("conversations", "messages") if k in obj), None)
     if "text" in obj and conv_key:
-        raise _EntryError(f"has both \"text\" and \"{conv_key}\"; expected one of them")
+        raise _EntryError(f"text 和 {conv_key} 只能有一个 has both \"text\" and \"{conv_key}\"; expected one of them")
     if "text" in obj:
         if not isinstance(obj["text"], str):
-            raise _EntryError(f"\"text\" must be a string, got {_kind(obj['text'])}")
+            raise _EntryError(f"text 必须是字符串 \"text\" must be a string, got {_kind(obj['text'])}")
         return "text", _document(obj["text"])
     if conv_key is None:
         keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in list(obj)[:5]) or "none"
-        raise _EntryError(f"expected a \"text\" or \"conversations\" key (found: {keys})")
+        raise _EntryError(f"缺少 text 或 conversations 键 expected a \"text\" or \"conversations\" key (found: {keys})")
     turns = obj[conv_key]
     if not isinstance(turns, list):
-        raise _EntryError(f"\"{conv_key}\" must be an array of turns, got {_kind(turns)}")
+        raise _EntryError(f"{conv_key} 必须是轮次的数组 \"{conv_key}\" must be an array of turns, got {_kind(turns)}")
     dialogue: list[Message] = []
     for n, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
-            raise _EntryError(f"turn {n}: expected an object with \"role\" and \"content\", got {_kind(turn)}")
+            raise _EntryError(f"第 {n} 轮应是带 role 和 content 的对象 turn {n}: expected an object with \"role\" and \"content\", got {_kind(turn)}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
         if not isinstance(role, str):
-            raise _EntryError(f"turn {n}: " + ("no \"role\"" if role is None else f"\"role\" must be a string, got {_kind(role)}"))
+            raise _EntryError(f"第 {n} 轮的 role 缺失或不是字符串 turn {n}: " + ("no \"role\"" if role is None else f"\"role\" must be a string, got {_kind(role)}"))
         mapped = _ROLE_ALIASES.get(role.strip().lower())
         if mapped is None:
-            raise _EntryError(f"turn {n}: unknown role {json.dumps(role, ensure_ascii=False)} "
+            raise _EntryError(f"第 {n} 轮的角色未知 turn {n}: unknown role {json.dumps(role, ensure_ascii=False)} "
                               f"(expected user, assistant or system; human and gpt are accepted too)")
         if not isinstance(content, str):
-            raise _EntryError(f"turn {n}: " + ("no \"content\"" if content is None
+            raise _EntryError(f"第 {n} 轮的 content 缺失或不是字符串 turn {n}: " + ("no \"content\"" if content is None
                                                else f"\"content\" must be a string, got {_kind(content)}"))
         dialogue.append(Message(role=mapped, content=content.strip()))
     _check_dialogue(dialogue)
@@ -401,23 +401,23 @@ def _record(obj: dict[str, Any]) -> tuple[str, Any]:
 def _check_dialogue(dialogue: list[Message]) -> None:
     """Optional system turn first, then user/assistant alternating, ending with the assistant."""
     if not dialogue:
-        raise _EntryError("an empty conversation")
+        raise _EntryError("对话是空的 an empty conversation")
     for n, m in enumerate(dialogue, 1):
         if not m["content"]:
-            raise _EntryError(f"empty {m['role']} content (turn {n})")
+            raise _EntryError(f"第 {n} 轮内容是空的 empty {m['role']} content (turn {n})")
     offset = 1 if dialogue[0]["role"] == "system" else 0
     for n, m in enumerate(dialogue[offset:], offset + 1):
         expected = "user" if (n - offset) % 2 == 1 else "assistant"
         if m["role"] == "system":
-            raise _EntryError(f"turn {n}: a system turn may only come first")
+            raise _EntryError(f"第 {n} 轮：系统轮只能在最前面 turn {n}: a system turn may only come first")
         if m["role"] != expected:
-            raise _EntryError(f"turn {n}: expected {'a user' if expected == 'user' else 'an assistant'} "
+            raise _EntryError(f"第 {n} 轮应是{'用户' if expected == 'user' else '助手'}，用户和助手要轮流 turn {n}: expected {'a user' if expected == 'user' else 'an assistant'} "
                               f"turn, got {m['role']} "
                               f"(turns must alternate user, assistant, ...)")
     if not any(m["role"] == "assistant" for m in dialogue):
-        raise _EntryError("no assistant turn")
+        raise _EntryError("没有助手的回答 no assistant turn")
     if dialogue[-1]["role"] != "assistant":
-        raise _EntryError(f"turn {len(dialogue)}: the last user turn has no assistant reply")
+        raise _EntryError(f"最后一个用户轮没有助手回答 turn {len(dialogue)}: the last user turn has no assistant reply")
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ class GenerationConfig:
         """
         names = [f.name for f in fields(self)]
         if name not in names:
-            raise ValueError(f"unknown setting {name!r}; settings: {', '.join(names)}")
+            raise ValueError(f"没有这个设置 unknown setting {name!r}; 可用的设置 settings: {', '.join(names)}")
         raw = text.strip().lower()
         value: Any
         if name in ("top_k", "top_p") and raw in ("none", "off", "0", ""):
@@ -45,23 +45,28 @@ class GenerationConfig:
             try:
                 value = int(raw) if name in ("max_new_tokens", "top_k") else float(raw)
             except ValueError:
-                raise ValueError(f"{name} needs a number, got {text!r}") from None
+                raise ValueError(f"{_LABELS.get(name, name)} {name} 需要一个数字 needs a number (got {text!r})") from None
         return GenerationConfig(**{**self.to_dict(), name: value})
+
+
+#: The Chinese names of the sampling settings, for messages (``温度 temperature ...``).
+_LABELS = {"max_new_tokens": "最长生成", "temperature": "温度", "top_k": "候选数", "top_p": "累计概率",
+           "repetition_penalty": "重复惩罚"}
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                    repetition_penalty: float) -> None:
     """Raise ValueError with a readable reason for settings that cannot sample."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 0 <= max_new_tokens <= 100_000:
-        raise ValueError(f"max_new_tokens must be an integer from 0 to 100000, got {max_new_tokens!r}")
+        raise ValueError(f"最长生成 max_new_tokens 必须是 0 到 100000 的整数 must be an integer from 0 to 100000 (got {max_new_tokens!r})")
     if not 0.0 <= temperature <= 100.0:
-        raise ValueError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature!r}")
+        raise ValueError(f"温度 temperature 必须在 0 到 100 之间（0 = 总选最可能的） must be between 0 and 100 (0 = greedy; got {temperature!r})")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or none, got {top_k!r}")
+        raise ValueError(f"候选数 top_k 必须是正整数或 none must be a positive integer or none (got {top_k!r})")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or none, got {top_p!r}")
+        raise ValueError(f"累计概率 top_p 必须大于 0 且最多为 1，或 none must be in (0, 1] or none (got {top_p!r})")
     if not 0.0 < repetition_penalty <= 100.0:
-        raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty!r}")
+        raise ValueError(f"重复惩罚 repetition_penalty 必须是正数，最多 100 must be positive, at most 100 (got {repetition_penalty!r})")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

@@ -284,7 +284,7 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
 
     started = clock() if started is None else started
     if budget_s is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TrainingError("a time budget works in a single process, not under torchrun")
+        raise TrainingError("时间预算只能在单进程里用，不能在 torchrun 下 a time budget works in a single process, not under torchrun")
     needs = []
     for plan in plans:
         if plan.rng:

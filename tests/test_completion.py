@@ -81,7 +81,7 @@ def test_completion_loop_continues_sets_refuses_chat_and_ends_on_eof(pipe, promp
     text = output(console)
     assert code == 0
     assert "续写模式" in text and "春天" in text and "秋天" in text and "tokens/s" in text
-    assert "temperature needs a number" in text and "只能续写" in text and "exit / quit" in text
+    assert "温度 temperature 需要一个数字 needs a number" in text and "只能续写" in text and "exit / quit" in text
 
 
 def test_completion_loop_exit_and_ctrl_c(pipe, prompter, console, model, tokenizer):  # noqa: F811

@@ -37,6 +37,13 @@ def error_of(path) -> str:
     return message
 
 
+def assert_says(message: str, start: str, english: str) -> None:
+    """``message`` is ``start``, then a Chinese part, then the English ``english`` (house style)."""
+    assert message.startswith(start) and message.endswith(english), message
+    middle = message[len(start):len(message) - len(english)]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in middle), message
+
+
 def qa(q: str, a: str) -> list[dict]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
@@ -187,9 +194,9 @@ def test_corpus_helpers():
 def test_load_pretraining_and_chat_say_when_the_kind_is_wrong(tmp_path):
     pre = write_json(tmp_path / "pre.json", ["文一"])
     chat = write_json(tmp_path / "chat.json", ["用户：甲？助手：乙。"])
-    with pytest.raises(DataError, match=r"pre\.json: no chat dialogues found"):
+    with pytest.raises(DataError, match=r"pre\.json: .*[\u4e00-\u9fff].* no chat dialogues found"):
         load_chat(pre)
-    with pytest.raises(DataError, match=r"chat\.json: no pretraining texts found"):
+    with pytest.raises(DataError, match=r"chat\.json: .*[\u4e00-\u9fff].* no pretraining texts found"):
         load_pretraining(chat)
 
 
@@ -203,14 +210,14 @@ def test_qa_pairs_only_single_turn():
 # --- errors -------------------------------------------------------------------------------------
 
 def test_missing_file(tmp_path):
-    assert error_of(tmp_path / "nope.json") == f"{tmp_path / 'nope.json'}: no such file or folder"
+    assert_says(error_of(tmp_path / "nope.json"), f"{tmp_path / 'nope.json'}: ", "no such file or folder")
 
 
 def test_not_utf8(tmp_path):
     path = tmp_path / "gbk.json"
     path.write_bytes('[\n"ok",\n"你好"\n]'.encode("gbk"))
     message = error_of(path)
-    assert message.startswith(f"{path}: not UTF-8 text") and "line 3" in message and "0xC4" in message
+    assert message.startswith(f"{path}: 不是 UTF-8 文本") and "not UTF-8 text" in message and "line 3" in message and "0xC4" in message
     path16 = tmp_path / "u16.txt"
     path16.write_bytes("你好\n".encode("utf-16"))
     assert "UTF-16" in error_of(path16)
@@ -219,13 +226,13 @@ def test_not_utf8(tmp_path):
 def test_invalid_json_reports_line_and_column(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('[\n  "a",\n  "b"\n  "c"\n]', encoding="utf-8")
-    assert error_of(path) == f"{path}: invalid JSON at line 4, column 3: Expecting ',' delimiter"
+    assert_says(error_of(path), f"{path}: ", "invalid JSON at line 4, column 3: Expecting ',' delimiter")
 
 
 @pytest.mark.parametrize("data, what", [("just a string", "a string"), (42, "a number"), (None, "null")])
 def test_top_level_not_an_array(tmp_path, data, what):
     path = write_json(tmp_path / "top.json", data)
-    assert error_of(path) == f"{path}: the top level is {what}; expected an array of strings"
+    assert_says(error_of(path), f"{path}: ", f"the top level is {what}; expected an array of strings")
 
 
 @pytest.mark.parametrize("entries, where, what", [
@@ -257,7 +264,7 @@ def test_bad_entries_are_named(tmp_path, entries, where, what):
 def test_bad_chat_entries_are_named(tmp_path, bad, what):
     entries = ["用户：甲？助手：乙。"] * 16 + [bad] + ["用户：丙？助手：丁。"] * 3
     path = write_json(tmp_path / "chat.json", entries)
-    assert error_of(path) == f"{path}: entry 17 (line 18): {what}"
+    assert_says(error_of(path), f"{path}: entry 17 (line 18): ", what)
 
 
 @pytest.mark.parametrize("line, what", [
@@ -308,7 +315,7 @@ def test_file_level_errors(tmp_path, name, content, what):
 
 
 def test_empty_folders(tmp_path):
-    assert error_of(tmp_path) == f"{tmp_path}: no data found (no .json, .jsonl or .txt files in this folder)"
+    assert_says(error_of(tmp_path), f"{tmp_path}: ", "no data found (no .json, .jsonl or .txt files in this folder)")
     (tmp_path / "notes.md").write_text("x", encoding="utf-8")
     assert "no data found" in error_of(tmp_path)
 
@@ -316,7 +323,7 @@ def test_empty_folders(tmp_path):
 def test_a_bad_file_in_a_folder_is_named(tmp_path):
     write_json(tmp_path / "a.json", ["文一"])
     bad = write_json(tmp_path / "sub" / "b.json", ["用户：甲？助手：乙。", "用户：没有回答"])
-    assert error_of(tmp_path) == f"{bad}: entry 2 (line 3): no \"助手：\" / \"Assistant:\" marker"
+    assert_says(error_of(tmp_path), f"{bad}: entry 2 (line 3): ", "no \"助手：\" / \"Assistant:\" marker")
 
 
 def test_malformed_input_never_escapes_as_another_exception(tmp_path):
@@ -380,7 +387,7 @@ def test_rustgpt_head_shards():
     assert skipped == [f"{head / 'idioms' / 'chinese_idioms_enhanced.json'} "
                        "(skipped: a JSON object, not an array of texts or dialogues)"]
     assert len(both.sources) == 33
-    with pytest.raises(DataError, match="chinese_idioms_enhanced.json: the top level is a JSON object"):
+    with pytest.raises(DataError, match="chinese_idioms_enhanced.json: .* the top level is a JSON object"):
         load_corpus(head / "idioms" / "chinese_idioms_enhanced.json")
 
 

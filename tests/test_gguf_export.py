@@ -3,6 +3,9 @@ and, when llama-cpp-python is installed, llama.cpp itself tokenises, continues a
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -179,8 +182,11 @@ def test_modelfile_names_the_file_chatml_stop_and_our_sampling(tmp_path, tok, ti
 
     path = export_gguf(tmp_path / "chat.gguf", tied, tok)
     text = modelfile_path(path).read_text(encoding="utf-8")
-    assert modelfile_path(path).name == "chat.Modelfile" and text == modelfile_text(path, tied.config)
     lines = text.splitlines()
+    export_id = gguf.GGUFReader(path).get_field("diyapp.export_id").contents()
+    assert re.fullmatch(rf"# diyapp export {export_id}: chat\.gguf, {path.stat().st_size} bytes, sha256 "
+                        rf"{hashlib.sha256(path.read_bytes()).hexdigest()}", lines[-1])
+    assert modelfile_path(path).name == "chat.Modelfile" and text == modelfile_text(path, tied.config, lines[-1])
     g = GenerationConfig()
     assert lines[0] == "FROM ./chat.gguf"
     assert 'PARAMETER stop "<|im_end|>"' in lines

@@ -177,7 +177,7 @@ def test_chat_loop_commands_markup_interrupts_and_ends(pipe, prompter, console, 
     assert "🤖 助手: [bold red]不是标记[/]" in text                    # model text is never markup
     assert "7 tokens · 14.0 tokens/s" in text and "丢弃了最早的 1 轮" in text
     assert "回答已中断" in text and "已清空" in text and "exit / quit" in text
-    assert re.search(r"temperature\s+0\.5", text) and "temperature needs a number" in text
+    assert re.search(r"temperature\s+0\.5", text) and "温度 temperature 需要一个数字 needs a number" in text
 
 
 @pytest.mark.parametrize("key, code", [("\x04", 0), ("\x03", 130)])

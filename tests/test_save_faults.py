@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_a_file_size_limit_is_reported_alike_for_every_format(tmp_path):
     result = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [f"{tmp_path / name}: could not write: File too large"
+    assert result.stdout.splitlines() == [f"{tmp_path / name}: 写入失败 could not write: File too large"
                                           for name in ("m.pt", "m.json", "hf")]
     assert (tmp_path / "m.pt").read_bytes() == b"old pt" and (tmp_path / "m.json").read_bytes() == b"old json"
     assert temp_files(tmp_path) == []
@@ -89,7 +90,7 @@ def test_injected_os_errors_name_the_path_and_the_reason(fmt, code, where, tmp_p
         monkeypatch.setattr(common.os, "rename", fail)
     with pytest.raises(CheckpointError) as err:
         save(target, model, tokenizer)
-    assert str(err.value) == f"{target}: could not write: {os.strerror(code)}"
+    assert str(err.value) == f"{target}: 写入失败 could not write: {os.strerror(code)}"
     assert not target.exists() or fmt == "hf" and not any(target.iterdir())
     assert temp_files(tmp_path) == []
 
@@ -107,7 +108,7 @@ def test_the_cli_says_which_file_and_why_in_one_line(tmp_path, tokenizer):
                             capture_output=True, text=True, timeout=120, preexec_fn=limit,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {target}: could not write: File too large"
+    assert result.stderr.strip() == f"error: {target}: 写入失败 could not write: File too large"
 
 
 # --- leftovers of killed saves -------------------------------------------------------------------
@@ -312,3 +313,47 @@ def test_a_json_tensor_claiming_more_values_than_it_holds_is_refused(tmp_path, t
                     text[start + len('"model.norm.weight":{"shape":[32]'):])
     with pytest.raises(CheckpointError, match="model.norm.weight claims 1000000000000 values"):
         load_checkpoint(path)
+
+
+# --- the GGUF export's file pair -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["writing the Modelfile", "putting the GGUF in place"])
+def test_a_gguf_export_cut_between_its_two_files_is_never_a_silent_mismatch(fault, tmp_path, tokenizer,
+                                                                            monkeypatch, capsys):
+    """X.gguf and X.Modelfile are two renames: a save stopped between them leaves the old pair, or a
+    pair that ``info`` and ``list`` refuse in one line; never a new GGUF beside an old Modelfile
+    that looks fine."""
+    pytest.importorskip("gguf")
+    from diyapp.cli import main
+    from diyapp.formats import gguf as gguf_format
+
+    target = tmp_path / "m.gguf"
+    gguf_format.export_gguf(target, make_model(tokenizer, seed=1), tokenizer)
+    modelfile = gguf_format.modelfile_path(target)
+    old = (target.read_bytes(), modelfile.read_bytes())
+    assert main(["info", "--model", str(target)]) == 0  # a whole pair reads
+    capsys.readouterr()
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fault == "writing the Modelfile":
+        monkeypatch.setattr(gguf_format, "write_modelfile", fail)
+    else:
+        replace = os.replace
+        monkeypatch.setattr(common.os, "replace",
+                            lambda a, b: fail() if str(b).endswith(".gguf") else replace(a, b))
+    with pytest.raises((CheckpointError, OSError)):
+        gguf_format.export_gguf(target, make_model(tokenizer, seed=2), tokenizer)
+    monkeypatch.undo()
+    now = (target.read_bytes(), modelfile.read_bytes())
+    if now == old:
+        assert main(["info", "--model", str(target)]) == 0
+        return
+    assert now[0] == old[0], "a new GGUF must never be beside the old Modelfile"
+    assert main(["info", "--model", str(target)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and str(target) in line and "does not match m.Modelfile" in line
+    assert re.search(r"[\u4e00-\u9fff]", line.split("does not match")[0])
+    assert main(["list", str(tmp_path)]) == 0
+    assert "does not match m.Modelfile" in capsys.readouterr().out

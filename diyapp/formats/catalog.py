@@ -2,7 +2,7 @@
 
 :func:`describe_checkpoint` and :func:`list_checkpoints` read only the small header of each file
 (the pickled structure of a ``.pt`` without its tensor data, the first line of a JSON export, the
-JSON header of a ``model.safetensors``) and do not import torch.
+JSON header of a ``model.safetensors``, the key-value header of a ``.gguf``) and do not import torch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .common import CheckpointError, LoadedModel, Leftover, dir_size, find_leftovers, first_line, read_head
+from .gguf import GGUF_MAGIC, describe_gguf
 from .hf import describe_hf, is_hf_dir, load_model_hf
 from .json import describe_json, load_model_json
 from .pt import PT_MAGIC, describe_pt, load_model_binary
@@ -30,7 +31,7 @@ class CheckpointInfo:
 
     path: Path
     name: str
-    format: str                  # "pt" | "json" | "hf" | "unknown"
+    format: str                  # "pt" | "json" | "hf" | "gguf" | "unknown"
     size_bytes: int
     modified: float              # seconds since the epoch (os.stat st_mtime)
     parameters: int | None = None
@@ -60,24 +61,31 @@ def _sniff_format(path: Path) -> str:
         return "pt"
     if head.startswith(b"{"):
         return "json"
-    return {".pt": "pt", ".pth": "pt", ".json": "json"}.get(path.suffix.lower(), "unknown")
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
+    return _SUFFIXES.get(path.suffix.lower(), "unknown")
+
+
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".json": "json", ".gguf": "gguf"}
 
 
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Header of a checkpoint or export without loading its weights (and without importing torch).
 
-    Returns ``{"path", "format" ("pt" | "json" | "hf"), "format_version", "config", "metadata",
+    Returns ``{"path", "format" ("pt" | "json" | "hf" | "gguf"), "format_version", "config", "metadata",
     "has_train_state", "size_bytes", "modified"}``; raises :class:`CheckpointError` for a file
     that is missing, empty, truncated, foreign or from a newer version.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "not found: no such file")
+        raise CheckpointError(path, "找不到这个文件 not found: no such file")
     fmt = _sniff_format(path)
     if fmt == "hf":
         return describe_hf(path)
     if fmt == "json":
         return describe_json(path)
+    if fmt == "gguf":
+        return describe_gguf(path)
     return describe_pt(path)  # (an unknown file gets describe_pt's "not a checkpoint" message)
 
 
@@ -85,12 +93,16 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = None, strict: bool
     """Load a ``.pt`` checkpoint, a JSON export or a Hugging Face export folder, by its content."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "not found: no such file")
+        raise CheckpointError(path, "找不到这个文件 not found: no such file")
     fmt = _sniff_format(path)
     if fmt == "hf":
         return load_model_hf(path, device=device, strict=strict)
     if fmt == "json":
         return load_model_json(path, device=device, strict=strict)
+    if fmt == "gguf":
+        describe_gguf(path)  # (a damaged file or a mismatched pair is said first)
+        raise CheckpointError(path, "GGUF 只给 llama.cpp / Ollama 用，diyapp 不能读回，请用 .pt 或 JSON is an export for "
+                                    "llama.cpp / Ollama; diyapp does not load GGUF files back (use the .pt or JSON)")
     return load_model_binary(path, device=device, strict=strict)
 
 
@@ -111,14 +123,13 @@ def _candidates(folder: Path) -> list[Path]:
         if entry.is_dir():
             if is_hf_dir(p):
                 out.append(p)
-        elif p.suffix.lower() in (".pt", ".pth", ".json"):
+        elif p.suffix.lower() in _SUFFIXES:
             out.append(p)
     return out
 
 
 def _info(path: Path) -> CheckpointInfo:
-    guess = "hf" if path.is_dir() else {".pt": "pt", ".pth": "pt", ".json": "json"}.get(path.suffix.lower(),
-                                                                                         "unknown")
+    guess = "hf" if path.is_dir() else _SUFFIXES.get(path.suffix.lower(), "unknown")
     try:
         st = path.stat()
         size = dir_size(path) if path.is_dir() else st.st_size
@@ -162,7 +173,7 @@ def _as_float(v: Any) -> float | None:
 
 def list_checkpoints(folders: str | os.PathLike | Iterable[str | os.PathLike] = ("checkpoints", "exports")
                      ) -> list[CheckpointInfo]:
-    """Checkpoints (``.pt``), JSON exports and Hugging Face export folders found directly in
+    """Checkpoints (``.pt``), JSON exports, Hugging Face export folders and GGUF exports found directly in
     ``folders``, newest first. A broken or foreign file is listed with ``error`` set to the
     reason; missing folders are skipped. Only headers are read, so this stays fast."""
     if isinstance(folders, (str, os.PathLike)):

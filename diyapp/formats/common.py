@@ -163,7 +163,7 @@ def fill_metadata(path: str | os.PathLike, model: Any, metadata: dict[str, Any] 
     try:
         return plain_metadata(_with_automatic(model, meta))
     except TypeError as exc:
-        raise CheckpointError(path, f"cannot save: {exc}") from None
+        raise CheckpointError(path, f"无法保存 cannot save: {exc}") from None
 
 
 # --- plain data ----------------------------------------------------------------------------------
@@ -238,9 +238,8 @@ def check_finite(path: str | os.PathLike, name: str, t: Any) -> None:
         return
     bad = int((~torch.isfinite(t)).sum())
     if bad:
-        raise CheckpointError(path, f"cannot export: weight {name} holds {bad} non-finite value(s) (NaN or "
-                                    "infinity; the training diverged?), so nothing was written "
-                                    "权重含 NaN 或无穷大，未写出任何文件")
+        raise CheckpointError(path, f"权重含 NaN 或无穷大，未写出任何文件 cannot export: weight {name} holds {bad} non-finite "
+                                    "value(s) (NaN or infinity; the training diverged?), so nothing was written")
 
 
 def plain_state(path: str | os.PathLike, value: Any, where: str = "train_state") -> Any:
@@ -270,7 +269,7 @@ def plain_state(path: str | os.PathLike, value: Any, where: str = "train_state")
         return tuple(plain_state(path, v, f"{where}[{i}]") for i, v in enumerate(value))
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         return plain_state(path, value.item(), where)
-    raise CheckpointError(path, f"cannot save: {where} is a {type(value).__module__}.{type(value).__name__}; "
+    raise CheckpointError(path, f"无法保存：训练状态只能是普通数据 cannot save: {where} is a {type(value).__module__}.{type(value).__name__}; "
                                 "training state must be plain data (dict, list, tuple, number, string, "
                                 "None, tensor)")
 
@@ -282,7 +281,7 @@ def tokenizer_string(path: str | os.PathLike, tokenizer: Any, vocab_size: int) -
     text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size > vocab_size:
-        raise CheckpointError(path, f"cannot save: the tokenizer has {size} tokens but the model only "
+        raise CheckpointError(path, f"无法保存：词表和模型不配套 cannot save: the tokenizer has {size} tokens but the model only "
                                     f"{vocab_size} embeddings; they do not belong together")
     return text
 
@@ -295,7 +294,7 @@ def load_tokenizer(path: str | os.PathLike, text: str | None) -> Any:
     try:
         return DIYTokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises its own exception types
-        raise CheckpointError(path, f"the stored tokenizer cannot be read: {first_line(exc)}") from None
+        raise CheckpointError(path, f"保存的词表读不出来 the stored tokenizer cannot be read: {first_line(exc)}") from None
 
 
 def first_line(exc: BaseException) -> str:
@@ -321,7 +320,7 @@ def _fsync_dir(folder: Path) -> None:
 def write_error(path: str | os.PathLike, exc: OSError) -> CheckpointError:
     """The one message every format gives when writing fails: the path and the system's reason
     (``No space left on device``, ``File too large``, ``Permission denied``, ...)."""
-    return CheckpointError(path, f"could not write: {exc.strerror or first_line(exc)}")
+    return CheckpointError(path, f"写入失败 could not write: {exc.strerror or first_line(exc)}")
 
 
 class _RecordingFile:
@@ -379,7 +378,7 @@ def _new_temp(target: Path, folder: bool = False) -> tuple[int, Path]:
         if _lock(fd):
             return fd, path
         os.close(fd)
-    raise OSError(errno.EAGAIN, "temporary files keep being taken by another process", str(target.parent))
+    raise OSError(errno.EAGAIN, "临时文件一直被别的进程占用 temporary files keep being taken by another process", str(target.parent))
 
 
 @dataclass
@@ -598,7 +597,7 @@ def check_config_sizes(path: str | os.PathLike, config: Any) -> None:
     for key, limit in SIZE_LIMITS.items():
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
-            raise CheckpointError(path, f"is broken: its config claims {key} = {value}, beyond any real model "
+            raise CheckpointError(path, f"文件已损坏，配置里的 {key} 大得不可能 is broken: its config claims {key} = {value}, beyond any real model "
                                         f"(at most {limit}); it cannot be loaded")
 
 
@@ -631,7 +630,7 @@ def check_memory(path: str | os.PathLike, config: "DIYConfig") -> None:
     """Refuse, before allocating anything, a model that needs more memory than is available."""
     need, have = model_bytes(config), available_memory()
     if have is not None and need > have:
-        raise CheckpointError(path, f"describes a model too large for this machine: it needs about "
+        raise CheckpointError(path, f"模型太大，这台机器的内存装不下 describes a model too large for this machine: it needs about "
                                     f"{need / 2**30:.1f} GiB of memory (hidden_size {config.hidden_size}, "
                                     f"num_layers {config.num_layers}, vocab_size {config.vocab_size}) and "
                                     f"{have / 2**30:.1f} GiB are available")
@@ -640,14 +639,14 @@ def stat_file(path: Path) -> os.stat_result:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise CheckpointError(path, "not found: no such file") from None
+        raise CheckpointError(path, "找不到这个文件 not found: no such file") from None
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
     if path.is_dir():
         hint = " (a Hugging Face export folder; use load_model_hf)" if (path / "config.json").exists() else ""
-        raise CheckpointError(path, f"is a folder, not a checkpoint file{hint}")
+        raise CheckpointError(path, f"这是文件夹，不是模型文件 is a folder, not a checkpoint file{hint}")
     if st.st_size == 0:
-        raise CheckpointError(path, "is empty (0 bytes): the save never completed; use another checkpoint")
+        raise CheckpointError(path, "文件是空的，保存没有完成，请换一个 is empty (0 bytes): the save never completed; use another checkpoint")
     return st
 
 
@@ -656,7 +655,7 @@ def read_head(path: Path, n: int = 8) -> bytes:
         with open(path, "rb") as f:
             return f.read(n)
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
 
 
 
@@ -667,20 +666,20 @@ def check_format_header(path: Path, obj: Any, fmt: str, max_version: int, kind: 
     """
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         if kind == "JSON export":
-            raise CheckpointError(path, f"is not a diyapp JSON export (no \"format\": \"{fmt}\" marker)")
+            raise CheckpointError(path, f"不是 diyapp 的 JSON 导出 is not a diyapp JSON export (no \"format\": \"{fmt}\" marker)")
         what = "a bare state dict" if isinstance(obj, dict) and obj and all(
             isinstance(k, str) and "." in k for k in obj) else f"a {type(obj).__name__}"
-        raise CheckpointError(path, f"is not a diyapp checkpoint (a PyTorch file holding {what}, without "
+        raise CheckpointError(path, f"不是 diyapp 的模型文件 is not a diyapp checkpoint (a PyTorch file holding {what}, without "
                                     f"diyapp's format marker)")
     version = obj.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(path, f"has an invalid format version {version!r}")
+        raise CheckpointError(path, f"格式版本无效 has an invalid format version {version!r}")
     if version > max_version:
-        raise CheckpointError(path, f"was written by a newer diyapp ({kind} format version {version}; this "
+        raise CheckpointError(path, f"由更新版本的 diyapp 写出，请升级 was written by a newer diyapp ({kind} format version {version}; this "
                                     f"version reads up to {max_version}); upgrade diyapp to load it")
     for key in ("config", "metadata"):
         if not isinstance(obj.get(key), dict):
-            raise CheckpointError(path, f"is damaged: its {key!r} entry is missing or not a mapping")
+            raise CheckpointError(path, f"文件已损坏 is damaged: its {key!r} entry is missing or not a mapping")
     check_config_sizes(path, obj["config"])
     return obj
 
@@ -699,13 +698,13 @@ def build_loaded(path: Path, fmt: str, config_dict: Any, metadata: dict[str, Any
     try:
         config = DIYConfig.from_dict(config_dict)
     except ConfigError as exc:
-        raise CheckpointError(path, f"its stored model config is invalid: {exc}") from None
+        raise CheckpointError(path, f"保存的模型配置无效 its stored model config is invalid: {exc}") from None
     check_memory(path, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(path, tokenizer_text)
     size = getattr(tokenizer, "vocab_size", None)
     if isinstance(size, int) and size > config.vocab_size:
-        raise CheckpointError(path, f"is inconsistent: its tokenizer has {size} tokens but the model "
+        raise CheckpointError(path, f"文件前后不一致，词表和模型不配套 is inconsistent: its tokenizer has {size} tokens but the model "
                                     f"{config.vocab_size} embeddings")
     model = DIYForCausalLM(config)
     expected = model.state_dict()
@@ -717,7 +716,7 @@ def build_loaded(path: Path, fmt: str, config_dict: Any, metadata: dict[str, Any
     for name, t in state.items():
         if name in expected:
             if not isinstance(t, torch.Tensor):
-                raise CheckpointError(path, f"is damaged: weight {name} is a {type(t).__name__}, not a tensor")
+                raise CheckpointError(path, f"文件已损坏 is damaged: weight {name} is a {type(t).__name__}, not a tensor")
             if tuple(t.shape) != tuple(expected[name].shape):
                 mismatched.append((name, tuple(t.shape), tuple(expected[name].shape)))
     if strict and (missing or unexpected or mismatched):
@@ -731,7 +730,7 @@ def build_loaded(path: Path, fmt: str, config_dict: Any, metadata: dict[str, Any
             parts.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
-        raise CheckpointError(path, "weights do not fit the stored config: " + "; ".join(parts)
+        raise CheckpointError(path, "权重和保存的配置对不上 weights do not fit the stored config: " + "; ".join(parts)
                               + " (strict=False loads what matches)")
     bad = {m[0] for m in mismatched}
     usable = {k: v for k, v in state.items() if k in expected and k not in bad}

@@ -14,13 +14,25 @@ Llama checkpoints, whose layout ours matches, see ``formats/hf.py``):
 
 Beside ``X.gguf`` an Ollama Modelfile ``X.Modelfile`` is written (``FROM ./X.gguf``, ChatML, our
 sampling). Our config and training metadata ride along as ``diyapp.config`` / ``diyapp.metadata``.
-This is an export only: diyapp does not load GGUF files back.
+This is an export only: diyapp does not load GGUF files back, but :func:`describe_gguf` reads its
+header for ``info`` and ``list``.
+
+The two files are one export: two renames cannot be one step, so the pair is made so that a kill
+between them is never silent. Each export gets a random id, stored in the GGUF
+(``diyapp.export_id``) and in the Modelfile's last line (``# diyapp export <id>: X.gguf, N bytes,
+sha256 H``). The GGUF is written to its temporary file first, then the Modelfile is put in place,
+then the GGUF: the ``.gguf`` on disk is always a complete one, and a kill between the two renames
+leaves a new Modelfile beside the old GGUF, which :func:`pair_problem` (so ``describe_gguf``, and
+``info`` and ``list``) reports as a mismatch in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +59,12 @@ DEFAULT_GGUF_TYPE = "f32"
 #: which is what ``tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)`` does.
 PRE_TOKENIZER = "gpt-2"
 #: Ollama's Go template for ChatML (the same turns as our chat template).
+#: How a GGUF file starts.
+GGUF_MAGIC = b"GGUF"
+#: The GGUF key holding the id of the export the Modelfile beside it must name.
+EXPORT_ID_KEY = "diyapp.export_id"
+#: The Modelfile's last line: which GGUF it was written with.
+_STAMP = re.compile(r"^# diyapp export (?P<id>[0-9a-f]{32}): (?P<name>.+), (?P<size>\d+) bytes, sha256 (?P<sha>[0-9a-f]{64})$")
 OLLAMA_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
                    '<|im_start|>assistant\n')
 
@@ -139,13 +157,13 @@ def export_gguf(path: str | os.PathLike, model: Any, tokenizer: Any, *, gguf_typ
 
     path = Path(path)
     if gguf_type not in GGUF_TYPES:
-        raise CheckpointError(path, f"unknown GGUF type {gguf_type!r} 未知类型; choose one of {', '.join(GGUF_TYPES)}")
+        raise CheckpointError(path, f"未知的 GGUF 类型 unknown GGUF type {gguf_type!r}; 可选 choose one of {', '.join(GGUF_TYPES)}")
     if path.is_dir():
-        raise CheckpointError(path, "is a folder; give a file name ending in .gguf 请给出 .gguf 文件名")
+        raise CheckpointError(path, "这是文件夹，请给出 .gguf 文件名 is a folder; give a file name ending in .gguf")
     model = unwrap_model(model)
     config: DIYConfig = model.config
     if tokenizer is None or isinstance(tokenizer, str):
-        raise CheckpointError(path, "cannot export: the model has no tokenizer 模型没有分词器")
+        raise CheckpointError(path, "模型没有词表，无法导出 cannot export: the model has no tokenizer")
     tensors = gguf_tensors(model)
     for name, t in tensors.items():
         check_finite(path, name, t)
@@ -186,6 +204,8 @@ def export_gguf(path: str | os.PathLike, model: Any, tokenizer: Any, *, gguf_typ
     writer.add_chat_template(tokenizer.chat_template)
     writer.add_string("diyapp.config", json.dumps(config.to_dict()))
     writer.add_string("diyapp.metadata", json.dumps(meta, ensure_ascii=False))
+    export_id = uuid.uuid4().hex
+    writer.add_string(EXPORT_ID_KEY, export_id)
     writer.add_sampling_temp(g.temperature)
     if g.top_k:
         writer.add_sampling_top_k(g.top_k)
@@ -202,9 +222,18 @@ def export_gguf(path: str | os.PathLike, model: Any, tokenizer: Any, *, gguf_typ
             writer.write_tensors_to_file()
         finally:
             writer.close()
-    if modelfile:
-        write_modelfile(modelfile_path(path), path, config)
+        if modelfile:  # in place before the GGUF (see the module docstring)
+            write_modelfile(modelfile_path(path), path, config, stamp=_stamp(export_id, path.name, tmp))
     return path
+
+
+def _stamp(export_id: str, name: str, written: Path) -> str:
+    """The Modelfile line naming the GGUF it belongs to (its id, size and sha256)."""
+    digest = hashlib.sha256()
+    with open(written, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"# diyapp export {export_id}: {name}, {written.stat().st_size} bytes, sha256 {digest.hexdigest()}"
 
 
 def modelfile_path(gguf_path: str | os.PathLike) -> Path:
@@ -213,9 +242,10 @@ def modelfile_path(gguf_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".Modelfile")
 
 
-def modelfile_text(gguf_path: str | os.PathLike, config: "DIYConfig") -> str:
+def modelfile_text(gguf_path: str | os.PathLike, config: "DIYConfig", stamp: str = "") -> str:
     """An Ollama Modelfile for ``gguf_path`` (referred to beside the Modelfile): ChatML turns,
-    ``<|im_end|>`` as the stop token, our default sampling settings and context length."""
+    ``<|im_end|>`` as the stop token, our default sampling settings and context length, and last
+    the ``stamp`` line (a comment for Ollama) naming the export it belongs to."""
     g = _sampling()
     lines = [f"FROM ./{Path(gguf_path).name}", "", f'TEMPLATE """{OLLAMA_TEMPLATE}"""', "",
              'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"',
@@ -226,12 +256,77 @@ def modelfile_text(gguf_path: str | os.PathLike, config: "DIYConfig") -> str:
         lines.append(f"PARAMETER top_p {g.top_p}")
     lines += [f"PARAMETER repeat_penalty {g.repetition_penalty}", f"PARAMETER num_predict {g.max_new_tokens}",
               f"PARAMETER num_ctx {config.max_seq_len}"]
+    if stamp:
+        lines += ["", stamp]
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike, config: "DIYConfig") -> Path:
+def write_modelfile(path: str | os.PathLike, gguf_path: str | os.PathLike, config: "DIYConfig",
+                    stamp: str = "") -> Path:
     """Write :func:`modelfile_text` to ``path`` atomically."""
     path = Path(path)
     with atomic_write(path) as f:
-        f.write(modelfile_text(gguf_path, config).encode("utf-8"))
+        f.write(modelfile_text(gguf_path, config, stamp).encode("utf-8"))
     return path
+
+
+def _read_fields(path: Path) -> dict[str, Any]:
+    """The string fields of a GGUF header that describe our export (``gguf``'s reader maps the file;
+    no tensor data is read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except OSError as exc:
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, struct.error, ... for a damaged file
+        raise CheckpointError(path, f"不是完整的 GGUF 文件 is not a readable GGUF file ({exc})") from None
+    out = {}
+    for key in ("diyapp.config", "diyapp.metadata", EXPORT_ID_KEY):
+        field = reader.get_field(key)
+        out[key] = None if field is None else str(field.contents())
+    out["tensors"] = len(reader.tensors)
+    return out
+
+
+def pair_problem(path: str | os.PathLike, export_id: str | None) -> str | None:
+    """Why the Modelfile beside the GGUF ``path`` (whose export id is ``export_id``) is not its
+    pair, or None (no Modelfile, the matching one, or a pair from before ids)."""
+    path = Path(path)
+    mf = modelfile_path(path)
+    try:
+        lines = mf.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    stamp = next((m for line in reversed(lines) if (m := _STAMP.match(line.strip()))), None)
+    if stamp is None and export_id is None:
+        return None  # both from before the pairs were stamped
+    theirs = stamp["id"] if stamp else "none"
+    if stamp is None or export_id != stamp["id"] or stamp["name"] != path.name \
+            or int(stamp["size"]) != path.stat().st_size:
+        return (f"和旁边的 {mf.name} 不是同一次导出（两个文件之间的保存被中断了），请重新导出 does not match "
+                f"{mf.name} beside it (export {export_id or 'none'} here, {theirs} in {mf.name}: a save was "
+                f"interrupted between the two files); export again")
+    return None
+
+
+def describe_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """The header of one of our GGUF exports, for ``info`` and ``list`` (in the shape of
+    ``catalog.describe_checkpoint``); :class:`CheckpointError` for a damaged file, one that is not
+    ours, or one whose Modelfile comes from another export."""
+    path = Path(path)
+    fields_ = _read_fields(path)
+    if fields_["diyapp.config"] is None:
+        raise CheckpointError(path, "不是 diyapp 导出的 GGUF is a GGUF file not written by diyapp")
+    try:
+        config = json.loads(fields_["diyapp.config"])
+        metadata = json.loads(fields_["diyapp.metadata"] or "{}")
+    except ValueError:
+        raise CheckpointError(path, "文件已损坏 is damaged: its diyapp header cannot be read") from None
+    problem = pair_problem(path, fields_[EXPORT_ID_KEY])
+    if problem:
+        raise CheckpointError(path, problem)
+    st = path.stat()
+    return {"path": path, "format": "gguf", "format_version": 1, "config": config,
+            "metadata": metadata if isinstance(metadata, dict) else {}, "has_train_state": False,
+            "size_bytes": st.st_size, "modified": st.st_mtime}

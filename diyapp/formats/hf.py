@@ -55,26 +55,26 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(path, "is truncated (no safetensors header)")
+                raise CheckpointError(path, "文件不完整 is truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
-                raise CheckpointError(path, "is not a safetensors file (implausible header size)")
+                raise CheckpointError(path, "不是 safetensors 文件 is not a safetensors file (implausible header size)")
             head = f.read(n)
             size = os.fstat(f.fileno()).st_size
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
     if len(head) < n:
-        raise CheckpointError(path, "is truncated (incomplete safetensors header)")
+        raise CheckpointError(path, "文件不完整 is truncated (incomplete safetensors header)")
     try:
         header = json.loads(head)
     except ValueError:
-        raise CheckpointError(path, "is not a safetensors file (unreadable header)") from None
+        raise CheckpointError(path, "不是 safetensors 文件 is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
-        raise CheckpointError(path, "is not a safetensors file (unreadable header)")
+        raise CheckpointError(path, "不是 safetensors 文件 is not a safetensors file (unreadable header)")
     end = max((v["data_offsets"][1] for k, v in header.items()
                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(path, f"is truncated ({size} bytes, the header promises {8 + n + end})")
+        raise CheckpointError(path, f"文件不完整 is truncated ({size} bytes, the header promises {8 + n + end})")
     return header
 
 
@@ -83,21 +83,21 @@ def describe_hf(directory: Any) -> dict[str, Any]:
     directory = Path(directory)
     weights = directory / "model.safetensors"
     if not is_hf_dir(directory):
-        raise CheckpointError(directory, "is not a Hugging Face export (needs config.json and model.safetensors)")
+        raise CheckpointError(directory, "不是 Hugging Face 导出 is not a Hugging Face export (needs config.json and model.safetensors)")
     meta = read_safetensors_header(weights).get("__metadata__") or {}
     if meta.get("diyapp_format") != HF_FORMAT:
-        raise CheckpointError(directory, "is a Hugging Face model folder not written by diyapp")
+        raise CheckpointError(directory, "这个 Hugging Face 模型文件夹不是 diyapp 写的 is a Hugging Face model folder not written by diyapp")
     try:
         version = int(meta.get("diyapp_format_version", "0"))
         config = json.loads(meta["diyapp_config"])
         metadata = json.loads(meta.get("diyapp_metadata", "{}"))
     except (ValueError, KeyError):
-        raise CheckpointError(directory, "is damaged: its diyapp header cannot be read") from None
+        raise CheckpointError(directory, "文件已损坏 is damaged: its diyapp header cannot be read") from None
     if version > HF_VERSION:
-        raise CheckpointError(directory, f"was written by a newer diyapp (format version {version}; this "
+        raise CheckpointError(directory, f"由更新版本的 diyapp 写出，请升级 was written by a newer diyapp (format version {version}; this "
                                          f"version reads up to {HF_VERSION}); upgrade diyapp to load it")
     if not isinstance(config, dict):
-        raise CheckpointError(directory, "is damaged: its diyapp header holds no model config")
+        raise CheckpointError(directory, "文件已损坏 is damaged: its diyapp header holds no model config")
     check_config_sizes(directory, config)
     _check_agreement(directory, config, meta, read_safetensors_header(weights))
     size = dir_size(directory)
@@ -110,15 +110,15 @@ def _check_agreement(directory: Path, config: dict[str, Any], meta: dict[str, An
     """Refuse a folder whose files come from different exports: config.json's shapes, the
     embedding's shape and tokenizer.json must match the model config in model.safetensors."""
     def mixed(what: str) -> CheckpointError:
-        return CheckpointError(directory, f"is inconsistent: {what}; its files come from different exports "
+        return CheckpointError(directory, f"文件夹里的文件来自不同的导出，请重新导出 is inconsistent: {what}; its files come from different exports "
                                           "(export it again)")
 
     try:
         hf_config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(directory, f"config.json cannot be read ({exc})") from None
+        raise CheckpointError(directory, f"config.json 读不出来 config.json cannot be read ({exc})") from None
     if not isinstance(hf_config, dict):
-        raise CheckpointError(directory, "config.json is not a JSON object")
+        raise CheckpointError(directory, "config.json 不是 JSON 对象 config.json is not a JSON object")
     for hf_key, key in _SHAPE_FIELDS.items():
         if hf_key in hf_config and key in config and hf_config[hf_key] != config[key]:
             raise mixed(f"config.json says {hf_key} {hf_config[hf_key]!r}, model.safetensors holds a model with "
@@ -130,7 +130,7 @@ def _check_agreement(directory: Path, config: dict[str, Any], meta: dict[str, An
     digest = meta.get("diyapp_tokenizer_sha256")
     tok_path = directory / "tokenizer.json"
     if digest and not tok_path.is_file():
-        raise CheckpointError(directory, "is incomplete: tokenizer.json is missing (export it again)")
+        raise CheckpointError(directory, "缺少 tokenizer.json，请重新导出 is incomplete: tokenizer.json is missing (export it again)")
     if digest and _sha256(tok_path) != digest:
         raise mixed("tokenizer.json is not the tokenizer model.safetensors was exported with")
 
@@ -139,7 +139,7 @@ def _sha256(path: Path) -> str:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
 
 
 # --- layout conversion ---------------------------------------------------------------------------
@@ -211,11 +211,11 @@ def _json_bytes(data: Any) -> bytes:
 def _check_replaceable(directory: Path) -> None:
     """An export replaces its folder whole, so the folder must be new, empty or an export."""
     if directory.exists() and not directory.is_dir():
-        raise CheckpointError(directory, "exists and is not a folder; choose another export folder")
+        raise CheckpointError(directory, "已经存在且不是文件夹 exists and is not a folder; choose another export folder")
     if directory.is_dir():
         foreign = sorted(p.name for p in directory.iterdir() if p.name not in HF_FILES)
         if foreign:
-            raise CheckpointError(directory, f"holds files that are not part of an export ({', '.join(foreign[:3])}"
+            raise CheckpointError(directory, f"文件夹里有不属于导出的文件，请换一个新的或空的文件夹 holds files that are not part of an export ({', '.join(foreign[:3])}"
                                              f"{', ...' if len(foreign) > 3 else ''}); the export replaces the "
                                              "whole folder, so choose a new or empty one")
 
@@ -334,16 +334,16 @@ def load_model_hf(directory: Any, *, device: Any = None, strict: bool = True) ->
 
     directory = Path(directory)
     if not directory.exists():
-        raise CheckpointError(directory, "not found: no such folder")
+        raise CheckpointError(directory, "找不到这个文件夹 not found: no such folder")
     info = describe_hf(directory)
     try:
         config = DIYConfig.from_dict(info["config"])
     except ValueError as exc:
-        raise CheckpointError(directory, f"its stored model config is invalid: {exc}") from None
+        raise CheckpointError(directory, f"保存的模型配置无效 its stored model config is invalid: {exc}") from None
     try:
         state = load_file(directory / "model.safetensors")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(directory, f"model.safetensors cannot be read ({exc})") from None
+        raise CheckpointError(directory, f"model.safetensors 读不出来 model.safetensors cannot be read ({exc})") from None
     tok_path = directory / "tokenizer.json"
     tok_text = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
     return build_loaded(directory, "hf", info["config"], info["metadata"], tok_text,

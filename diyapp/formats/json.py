@@ -76,7 +76,7 @@ def _tensor_spec(path: Path, name: str, t: Any, dtype: str | None = None) -> byt
     t = t.detach().cpu()
     dtype = dtype or str(t.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
-        raise CheckpointError(path, f"cannot export: tensor {name} has dtype {dtype}, which the JSON format "
+        raise CheckpointError(path, f"无法导出：JSON 格式存不了这种类型 cannot export: tensor {name} has dtype {dtype}, which the JSON format "
                                     "does not hold")
     if t.is_floating_point():  # (finiteness was checked before the file was opened)
         if dtype in ("float32", "bfloat16"):
@@ -115,7 +115,7 @@ def _encode_state(value: Any, where: str, tensors: dict[str, Any], path: Path) -
             return {k: _encode_state(v, f"{where}.{k}", tensors, path) for k, v in value.items()}
         return {"$dict": [[_encode_state(k, f"{where}.key", tensors, path),
                            _encode_state(v, f"{where}.{k}", tensors, path)] for k, v in value.items()]}
-    raise CheckpointError(path, f"cannot export: train_state {where} is a {type(value).__name__}, not plain data")
+    raise CheckpointError(path, f"无法导出：训练状态只能是普通数据 cannot export: train_state {where} is a {type(value).__name__}, not plain data")
 
 
 def _vocab(tokenizer: Any) -> list[str]:
@@ -217,7 +217,7 @@ def _check_header(path: Path, header: Any) -> dict[str, Any]:
     return check_format_header(path, header, JSON_FORMAT, JSON_VERSION, "JSON export")
 
 
-_NOT_ENDED = "is truncated (the JSON document does not end; was the export interrupted?); export again"
+_NOT_ENDED = "文件不完整，导出可能被中断了，请重新导出 is truncated (the JSON document does not end; was the export interrupted?); export again"
 
 
 def _open_checked(path: Path) -> tuple[Any, int]:
@@ -225,7 +225,7 @@ def _open_checked(path: Path) -> tuple[Any, int]:
     try:
         f = open(path, "rb")
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
     return f, st.st_size
 
 
@@ -236,9 +236,9 @@ def _ends_complete(f: Any, size: int) -> bool:
 
 def _not_json(path: Path, head: bytes) -> CheckpointError:
     if head.startswith(b"PK\x03\x04"):
-        return CheckpointError(path, "is a .pt checkpoint (zip archive), not a JSON export; load it with "
+        return CheckpointError(path, "这是 .pt 检查点，不是 JSON 导出 is a .pt checkpoint (zip archive), not a JSON export; load it with "
                                      "load_model_binary")
-    return CheckpointError(path, "is not a diyapp JSON export (not JSON)")
+    return CheckpointError(path, "不是 diyapp 的 JSON 导出 is not a diyapp JSON export (not JSON)")
 
 
 def describe_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -276,14 +276,14 @@ def _full_parse(path: Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         stripped = data.rstrip()
         if stripped.startswith(b"{") and not stripped.endswith(b"}"):
             raise CheckpointError(path, _NOT_ENDED) from None
-        raise CheckpointError(path, f"is not valid JSON ({first_line(exc)})") from None
+        raise CheckpointError(path, f"不是有效的 JSON is not valid JSON ({first_line(exc)})") from None
     return _check_header(path, doc)
 
 
@@ -292,7 +292,7 @@ def _parse_numbers(path: Path, name: str, buf: bytes, start: int, end: int, coun
     import numpy as np
 
     if count > (end - start + 1) // 2:  # each value takes a digit and a comma at least
-        raise CheckpointError(path, f"is damaged: tensor {name} claims {count} values but its data has room "
+        raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} claims {count} values but its data has room "
                                     f"for at most {(end - start + 1) // 2}")
     out = np.empty(count, dtype=np_dtype)
     i, pos = 0, start
@@ -309,10 +309,10 @@ def _parse_numbers(path: Path, name: str, buf: bytes, start: int, end: int, coun
             i += n
             pos = cut + 1
     except (orjson.JSONDecodeError, TypeError, ValueError, OverflowError) as exc:
-        raise CheckpointError(path, f"is damaged: the data of tensor {name} cannot be read "
+        raise CheckpointError(path, f"文件已损坏 is damaged: the data of tensor {name} cannot be read "
                                     f"({first_line(exc)}; a null means a non-finite value)") from None
     if i != count or pos < end:
-        raise CheckpointError(path, f"is damaged: tensor {name} should hold {count} values")
+        raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} should hold {count} values")
     return out
 
 
@@ -322,19 +322,19 @@ def _array_from_spec(path: Path, name: str, spec: Any, data: Any = None) -> Any:
     import torch
 
     if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list) or spec.get("dtype") not in _DTYPES:
-        raise CheckpointError(path, f"is damaged: tensor {name} needs \"shape\" and a known \"dtype\"")
+        raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} needs \"shape\" and a known \"dtype\"")
     shape = spec["shape"]
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointError(path, f"is damaged: tensor {name} has shape {shape!r}")
+        raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} has shape {shape!r}")
     count = math.prod(shape)
     if data is None:
         values = spec.get("data")
         if not isinstance(values, list) or len(values) != count:
-            raise CheckpointError(path, f"is damaged: tensor {name} should hold {count} values")
+            raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} should hold {count} values")
         try:
             data = np.array(values, dtype=_DTYPES[spec["dtype"]])
         except (TypeError, ValueError, OverflowError) as exc:
-            raise CheckpointError(path, f"is damaged: the data of tensor {name} cannot be read "
+            raise CheckpointError(path, f"文件已损坏 is damaged: the data of tensor {name} cannot be read "
                                         f"({first_line(exc)})") from None
     t = torch.from_numpy(data.reshape(shape))
     if spec["dtype"] == "bfloat16":
@@ -363,11 +363,11 @@ def _read_group(path: Path, f: Any) -> dict[str, Any]:
             raise _Layout()
         (name, spec), = head.items()
         if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES or not isinstance(spec.get("shape"), list):
-            raise CheckpointError(path, f"is damaged: tensor {name} needs \"shape\" and a known \"dtype\"")
+            raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} needs \"shape\" and a known \"dtype\"")
         try:
             count = math.prod(int(d) for d in spec["shape"])
         except (TypeError, ValueError):
-            raise CheckpointError(path, f"is damaged: tensor {name} has shape {spec['shape']!r}") from None
+            raise CheckpointError(path, f"文件已损坏 is damaged: tensor {name} has shape {spec['shape']!r}") from None
         start, end = p + len(b',"data":['), body.rindex(b"]")
         data = _parse_numbers(path, name, body, start, end, count, _DTYPES[spec["dtype"]])
         out[name] = _array_from_spec(path, name, spec, data)
@@ -416,7 +416,7 @@ def _decode_state(path: Path, value: Any, tensors: dict[str, Any]) -> Any:
         (tag, inner), = value.items()
         if tag == "$tensor":
             if inner not in tensors:
-                raise CheckpointError(path, f"is damaged: train_state refers to a missing tensor {inner!r}")
+                raise CheckpointError(path, f"文件已损坏 is damaged: train_state refers to a missing tensor {inner!r}")
             return tensors[inner]
         if tag == "$tuple":
             return tuple(_decode_state(path, v, tensors) for v in inner)
@@ -433,7 +433,7 @@ def _tensors_of(path: Path, group: Any) -> dict[str, Any]:
     import torch
 
     if not isinstance(group, dict):
-        raise CheckpointError(path, "is damaged: a tensor group is not an object")
+        raise CheckpointError(path, "文件已损坏 is damaged: a tensor group is not an object")
     return {name: spec if isinstance(spec, torch.Tensor) else _array_from_spec(path, name, spec)
             for name, spec in group.items()}
 

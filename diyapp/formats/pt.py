@@ -78,22 +78,22 @@ def _probe_pt(path: Path) -> str:
     head = read_head(path)
     if not head.startswith(PT_MAGIC):
         if head.lstrip()[:1] == b"{":
-            raise CheckpointError(path, "is a JSON file, not a .pt checkpoint; load it with load_model_json")
+            raise CheckpointError(path, "这是 JSON 文件，不是 .pt 检查点 is a JSON file, not a .pt checkpoint; load it with load_model_json")
         if head[:1] == b"\x80":
-            raise CheckpointError(path, "is not a diyapp checkpoint (an old-style pickle file, not a "
+            raise CheckpointError(path, "不是 diyapp 的模型文件 is not a diyapp checkpoint (an old-style pickle file, not a "
                                         "PyTorch zip archive)")
-        raise CheckpointError(path, "is not a diyapp checkpoint (not a PyTorch zip archive)")
+        raise CheckpointError(path, "不是 diyapp 的模型文件 is not a diyapp checkpoint (not a PyTorch zip archive)")
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
     except zipfile.BadZipFile:
-        raise CheckpointError(path, "is truncated or corrupted (the zip archive is incomplete; was the save "
+        raise CheckpointError(path, "文件不完整或已损坏，请用更早的检查点 is truncated or corrupted (the zip archive is incomplete; was the save "
                                     "interrupted?); use an earlier checkpoint") from None
     except OSError as exc:
-        raise CheckpointError(path, f"cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointError(path, f"无法读取 cannot be read: {exc.strerror or exc}") from None
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if not pkl:
-        raise CheckpointError(path, "is not a diyapp checkpoint (a zip archive, but not a PyTorch file)")
+        raise CheckpointError(path, "不是 diyapp 的模型文件 is not a diyapp checkpoint (a zip archive, but not a PyTorch file)")
     return pkl[0]
 
 
@@ -140,7 +140,7 @@ class _HeaderUnpickler(pickle.Unpickler):
         return None
 
 
-_CODE_REFUSED = ("refused: it holds objects that would run code when loaded ({why}); diyapp checkpoints "
+_CODE_REFUSED = ("拒绝加载：文件里有加载时会执行代码的对象 refused: it holds objects that would run code when loaded ({why}); diyapp checkpoints "
                  "hold only plain data, so this file was not written by diyapp or was tampered with; "
                  "do not load it")
 
@@ -151,7 +151,7 @@ def _read_pt_header(path: Path) -> dict[str, Any]:
         with zipfile.ZipFile(path) as z:
             data = z.read(member)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise CheckpointError(path, f"is truncated or corrupted ({first_line(exc)})") from None
+        raise CheckpointError(path, f"文件不完整或已损坏 is truncated or corrupted ({first_line(exc)})") from None
     try:
         obj = _HeaderUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
@@ -160,9 +160,9 @@ def _read_pt_header(path: Path) -> dict[str, Any]:
             # tensor data without reading it), and refuse only if it refuses too.
             obj = _torch_load(path, mmap=True)
         else:
-            raise CheckpointError(path, f"is corrupted (its structure cannot be read: {first_line(exc)})") from None
+            raise CheckpointError(path, f"文件已损坏 is corrupted (its structure cannot be read: {first_line(exc)})") from None
     except Exception as exc:
-        raise CheckpointError(path, f"is corrupted (its structure cannot be read: {first_line(exc)})") from None
+        raise CheckpointError(path, f"文件已损坏 is corrupted (its structure cannot be read: {first_line(exc)})") from None
     _check_pt_header(path, obj)
     return obj
 
@@ -179,7 +179,7 @@ def _torch_load(path: Path, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         return _raise_refused(path, exc)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(path, f"is truncated or corrupted ({first_line(exc)}); use an earlier "
+        raise CheckpointError(path, f"文件不完整或已损坏，请用更早的检查点 is truncated or corrupted ({first_line(exc)}); use an earlier "
                                     "checkpoint") from None
 
 
@@ -202,7 +202,7 @@ def load_model_binary(path: str | os.PathLike, *, device: Any = None, strict: bo
     _check_pt_header(path, obj)
     state = obj.get("model")
     if not isinstance(state, dict):
-        raise CheckpointError(path, "is damaged: it holds no model weights")
+        raise CheckpointError(path, "文件已损坏，没有模型权重 is damaged: it holds no model weights")
     return build_loaded(path, "pt", obj["config"], obj["metadata"], obj.get("tokenizer"), state,
                         obj.get("train_state"), device=device, strict=strict)
 

@@ -123,7 +123,7 @@ class App:
             return wf.open_model(info.path)
 
     def _load(self, infos: list[Any]) -> wf.Workbench | None:
-        readable = [i for i in infos if not i.error]
+        readable = [i for i in infos if not i.error and i.format != "gguf"]  # (GGUF: an export only)
         if not readable:
             self.error("没有可以读取的模型 no readable model")
             return None
