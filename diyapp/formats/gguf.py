@@ -58,13 +58,13 @@ DEFAULT_GGUF_TYPE = "f32"
 #: The pre-tokenizer name llama.cpp knows for GPT-2's split (``'s|'t|..| ?\\p{L}+| ?\\p{N}+|..``),
 #: which is what ``tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)`` does.
 PRE_TOKENIZER = "gpt-2"
-#: Ollama's Go template for ChatML (the same turns as our chat template).
 #: How a GGUF file starts.
 GGUF_MAGIC = b"GGUF"
 #: The GGUF key holding the id of the export the Modelfile beside it must name.
 EXPORT_ID_KEY = "diyapp.export_id"
 #: The Modelfile's last line: which GGUF it was written with.
 _STAMP = re.compile(r"^# diyapp export (?P<id>[0-9a-f]{32}): (?P<name>.+), (?P<size>\d+) bytes, sha256 (?P<sha>[0-9a-f]{64})$")
+#: Ollama's Go template for ChatML (the same turns as our chat template).
 OLLAMA_TEMPLATE = ('{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
                    '<|im_start|>assistant\n')
 
