@@ -41,6 +41,7 @@ class Terminal:
         self.log = io.StringIO()
         self.child = pexpect.spawn(sys.executable, [str(MAIN), *args], cwd=str(cwd), env=env, encoding="utf-8",
                                    dimensions=(40, 120), timeout=60)
+        self.child.delaybeforesend = None
         self.child.logfile_read = self.log
         Terminal.opened.append(self)
 

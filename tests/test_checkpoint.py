@@ -275,63 +275,64 @@ def test_strict_false_loads_what_matches(tmp_path, model, tokenizer):
 
 # --- atomic writes -------------------------------------------------------------------------------
 
-_KILLED_SAVE = """
-import os, sys, time, torch
-sys.path.insert(0, {repo!r})
-import diyapp.checkpoint as ck
-from diyapp import DIYConfig, DIYForCausalLM, DIYTokenizer
-mode, path = sys.argv[1], sys.argv[2]
-tok = DIYTokenizer.from_str(open(sys.argv[3], encoding="utf-8").read())
-model = DIYForCausalLM(DIYConfig(vocab_size=tok.vocab_size, num_layers=4, hidden_size=256, num_heads=4,
-                                 max_seq_len=64))
+def _save_a_bigger_model_and_pause(mode, path, tokenizer, ready_fd) -> None:
+    """In a forked child: save a bigger model over ``path`` and stop partway, with half of the
+    bytes on disk ("mid-write") or every byte written before the rename ("before-rename"), say so
+    on ``ready_fd`` and wait to be killed."""
+    model = DIYForCausalLM(DIYConfig(vocab_size=tokenizer.vocab_size, num_layers=4, hidden_size=256, num_heads=4,
+                                     max_seq_len=64))
 
-def pause(note):
-    print(note, flush=True)
-    time.sleep(120)
+    def pause(note: bytes) -> None:
+        os.write(ready_fd, note + b"\n")
+        time.sleep(120)
 
-if mode == "mid-write":   # half of the bytes are on disk when the process dies
-    real_save = torch.save
-    def half_save(obj, f):
-        import io
-        buf = io.BytesIO()
-        real_save(obj, buf)
-        data = buf.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        pause("HALF")
-    torch.save = half_save
-else:                     # every byte written, killed before the rename
-    os.fsync = lambda fd: pause("SYNC")
-ck.save_model_binary(path, model, tok)
-"""
+    if mode == "mid-write":
+        real_save = torch.save
+
+        def half_save(obj, f):
+            import io
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            data = buf.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            pause(b"HALF")
+        torch.save = half_save
+    else:
+        os.fsync = lambda fd: pause(b"SYNC")
+    save_model_binary(path, model, tokenizer)
 
 
 @pytest.mark.parametrize("mode", ["mid-write", "before-rename"])
 def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, model, tokenizer, mode):
     path = tmp_path / "model_final.pt"
     save_model_binary(path, model, tokenizer, metadata={"stage": "pretrain"})
-    helper = tmp_path / "helper"
-    helper.mkdir()
-    (helper / "tok.json").write_text(tokenizer.to_str(), encoding="utf-8")
-    script = helper / "killed.py"
-    script.write_text(_KILLED_SAVE.format(repo=str(REPO)))
-    proc = subprocess.Popen([sys.executable, str(script), mode, str(path), str(helper / "tok.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, ready_w = os.pipe()
+    pid = os.fork()  # a process of its own that SIGKILL ends, without the start-up of a new Python
+    if pid == 0:
+        try:
+            os.close(ready)
+            _save_a_bigger_model_and_pause(mode, path, tokenizer, ready_w)
+        finally:
+            os._exit(1)
+    os.close(ready_w)
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready, "the saving process never reached the write"
-        line = proc.stdout.readline().strip()
-        assert line in ("HALF", "SYNC"), proc.stderr.read()
+        readable, _, _ = select.select([ready], [], [], 120)
+        assert readable, "the saving process never reached the write"
+        line = os.read(ready, 100).decode().strip()
+        assert line in ("HALF", "SYNC"), f"the saving process ended before the write ({line!r})"
         temps = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
         assert len(temps) == 1 and os.path.getsize(tmp_path / temps[0]) > 0
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+        os.close(ready)
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     loaded = load_model_binary(path)  # the old model, complete
     assert_same_model(model, loaded.model)
     # The leftover temporary file is not offered as a checkpoint.

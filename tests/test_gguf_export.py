@@ -239,7 +239,7 @@ def test_cli_export_gguf_and_its_errors(tmp_path, tok, tied, capsys):
 # --- llama.cpp itself ------------------------------------------------------------------------------
 
 def _llama(path, n_ctx=160):
-    return open_llama(path, n_ctx)
+    return open_llama(path, n_ctx, threads=1)  # one thread, like the rest of the suite (conftest.py)
 
 
 def _greedy_ours(model, prompt, n):

@@ -174,10 +174,19 @@ def test_without_a_budget_the_recipe_adapts_to_a_large_corpus():
     assert chosen.config.epochs == 7                                           # the person's choice wins
 
 
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs PyTorch on more than one thread")
+@pytest.fixture
+def two_threads():
+    """PyTorch on two threads for one test (the suite runs on one; the step timings are faked)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("one_thread_s, expected", [(0.5, 1), (0.95, None)])
-def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, one_thread_s, expected):
+def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, two_threads, one_thread_s, expected):
     many = torch.get_num_threads()
+    assert many == 2
     monkeypatch.setattr(budget_plan, "measure_step_seconds",
                         lambda trainer, steps=6: 1.0 if torch.get_num_threads() > 1 else one_thread_s)
     trainer = type("T", (), {"device": torch.device("cpu")})()

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 
 
-def open_llama(path: str | Path, n_ctx: int) -> Any:
-    """The GGUF file loaded in llama.cpp on 2 threads, keeping every position's logits and a float32
+def open_llama(path: str | Path, n_ctx: int, threads: int = 2) -> Any:
+    """The GGUF file loaded in llama.cpp on ``threads`` threads, keeping every position's logits and a float32
     key/value cache (``type_k=type_v=0`` is GGML_TYPE_F32; the default f16 cache moves logits ~1e-3)."""
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                           type_k=0, type_v=0)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=threads,
+                           n_threads_batch=threads, type_k=0, type_v=0)
 
 
 def greedy_llama(llm: Any, prompt: list[int], n: int) -> list[int]:

@@ -1,9 +1,17 @@
-"""Trains a tiny model for a few steps and saves the weights: run plainly or under torchrun.
+"""Trains a tiny model's chat stage, plainly or under torchrun: whole, a first few steps, or the
+rest after a saved piece; several such runs one after another in the same processes.
 
-Every process also saves the training rows it computed the loss on, step by step, to
-``OUT.rank<N>.rows`` (each row as its unpadded token ids), so a test can see how the data was split.
+    python tests/helpers/ddp_stage.py '[{"out": "A.pt"}, {"out": "B.pt", "steps": 3}, {"out": "C.pt", "resume": "B.pt"}]'
+
+Each run saves (rank 0 only) the step reached, the status, the loss, the weights and the trainer's
+state at ``out``, so a run can go on with another number of processes; every process also saves
+the training rows it computed the loss on, step by step, to ``out.rank<N>.rows`` (each row as its
+unpadded token ids), so a test can see how the data was split.
 """
 
+from __future__ import annotations
+
+import json
 import sys
 
 import torch
@@ -39,17 +47,31 @@ def record_rows(model) -> list[list[list[int]]]:
     return seen
 
 
-def main(out: str) -> None:
+def run(out: str, steps: int | None = None, resume: str | None = None) -> None:
+    """Train ``steps`` steps (or to the end of the stage), from scratch or from the piece saved at
+    ``resume``, and save what was reached at ``out``. Called plainly in a test's own process."""
     corpus, tokenizer, model, config = setup()
+    saved = torch.load(resume, weights_only=True) if resume else None
+    if saved is not None:
+        model.load_state_dict(saved["weights"])
     seen = record_rows(model)
-    result = Trainer(model, tokenizer, "chat", corpus, config).run()
+    trainer = Trainer(model, tokenizer, "chat", corpus, config)
+    if saved is not None:
+        trainer.load_state_dict(saved["state"])
+    result = trainer.run(steps=steps)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"rows": seen}, f"{out}.rank{rank}.rows")
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        torch.save({"steps": result.steps, "loss": result.train_loss, "weights": model.state_dict()}, out)
+    if rank == 0:
+        torch.save({"steps": result.steps, "status": result.status, "loss": result.train_loss,
+                    "weights": model.state_dict(), "state": trainer.state_dict()}, out)
+
+
+def main(jobs: list[dict]) -> None:
+    for job in jobs:
+        run(job["out"], job.get("steps"), job.get("resume"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(json.loads(sys.argv[1]))
