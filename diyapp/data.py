@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypedDict
+from typing import Any, TypedDict
 
 __all__ = ["Message", "Corpus", "DataError", "load_corpus", "load_pretraining", "load_chat",
            "bundled_corpus", "qa_pairs", "DATA_DIR", "SUPPORTED_SUFFIXES"]
@@ -139,11 +139,6 @@ def qa_pairs(corpus: Corpus) -> list[tuple[str, str]]:
     turn, no system prompt), in corpus order: what the answer hit rate is measured on."""
     return [(d[0]["content"], d[1]["content"]) for d in corpus.dialogues
             if len(d) == 2 and d[0]["role"] == "user" and d[1]["role"] == "assistant"]
-
-
-def assistant_texts(dialogues: Sequence[Sequence[Message]]) -> list[str]:
-    """Every distinct assistant answer in ``dialogues``, in first-seen order."""
-    return list(dict.fromkeys(m["content"] for d in dialogues for m in d if m["role"] == "assistant"))
 
 
 # --- files and folders --------------------------------------------------------------------------

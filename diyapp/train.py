@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DIYConfig
-from .data import Corpus, assistant_texts
+from .data import Corpus
 from .device import autocast_dtype, pick_device, precision_name
 from .model import DIYForCausalLM
 from .ngram import KneserNey, count_symbols
@@ -42,10 +42,7 @@ VOCAB_SAMPLE_CHARS = 4_000_000
 @dataclass
 class TrainConfig:
     """How one stage trains. ``warmup_steps=None`` means 5% of the steps (at least 1);
-    ``dropout`` overrides the model's dropout rate while this stage trains (None keeps it).
-    ``answer_texts`` (pretraining): the distinct assistant answers of the corpus's dialogues are
-    training documents too, so the model already knows how to say what chat tuning then teaches it
-    to say to each question (see :func:`default_stage_config`)."""
+    ``dropout`` overrides the model's dropout rate while this stage trains (None keeps it)."""
 
     epochs: int = 10
     batch_size: int = 16
@@ -62,7 +59,6 @@ class TrainConfig:
     precision: str = "auto"
     max_steps: int | None = None
     dropout: float | None = None
-    answer_texts: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -242,13 +238,10 @@ def _split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
 
 
-def split_texts(texts: list[str], val_fraction: float, seed: int,
-                extra_train: Sequence[str] = ()) -> tuple[list[str], list[str]]:
-    """Training and validation documents (``extra_train`` joins the training part); a validation
-    document that also occurs in the training part (a duplicate in the corpus) is dropped, so the
-    validation figures are on unseen text."""
+def split_texts(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Training and validation documents; a validation document that also occurs in the training
+    part (a duplicate in the corpus) is dropped, so the validation figures are on unseen text."""
     train, val = _split(list(texts), val_fraction, seed)
-    train += extra_train
     seen = set(train)
     return train, [t for t in val if t not in seen]
 
@@ -304,13 +297,10 @@ def compose_rows(lengths: list[int], row_tokens: int, seed: int, epoch: int) -> 
 
 
 def stage_examples(tokenizer: DIYTokenizer, corpus: Corpus, stage: str, max_seq_len: int,
-                   val_fraction: float, seed: int, answer_texts: bool = False) -> tuple[_Examples, _Examples]:
-    """Training and validation rows for a stage, split by document/dialogue before tokenising.
-    With ``answer_texts`` pretraining also trains on the dialogues' distinct answers (the
-    validation split stays a held-out part of the corpus's own texts)."""
+                   val_fraction: float, seed: int) -> tuple[_Examples, _Examples]:
+    """Training and validation rows for a stage, split by document/dialogue before tokenising."""
     if stage == "pretrain":
-        train, val = split_texts(corpus.texts, val_fraction, seed,
-                                 assistant_texts(corpus.dialogues) if answer_texts else ())
+        train, val = split_texts(corpus.texts, val_fraction, seed)
         held_out = pack_texts(tokenizer, val, max_seq_len)
         if val:
             held_out.frequency_bpc = KneserNey(train, order=1).bits_per_char(val)
@@ -452,8 +442,7 @@ class Trainer:
             raise TrainingError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                                 f"tokenizer's ({tokenizer.vocab_size})")
         self.train_rows, self.val_rows = stage_examples(
-            tokenizer, corpus, stage, model.config.max_seq_len, self.config.val_fraction, self.config.seed,
-            self.config.answer_texts)
+            tokenizer, corpus, stage, model.config.max_seq_len, self.config.val_fraction, self.config.seed)
         if not self.train_rows.ids:
             what = "text documents" if stage == "pretrain" else "dialogues with an assistant answer"
             raise TrainingError(f"no training data for the {stage} stage: the corpus has no {what}")

@@ -273,26 +273,3 @@ def test_heldout_rephrasings_are_never_trained_on():
         assert letters_only(item["question"]).lower() not in trained, item
         assert item["source"] in answers          # each rephrases a bundled question with a trained answer
         assert letters_only(item["question"]) != letters_only(item["source"])
-
-
-def test_pretraining_can_read_the_answers_and_keeps_its_held_out_texts(tokenizer):
-    """With ``answer_texts`` pretraining trains on every distinct assistant answer as a document,
-    on the training side only: the validation texts are the same held-out corpus texts."""
-    from diyapp.data import Corpus, assistant_texts
-    from diyapp.train import stage_examples
-
-    texts = ["春天来了，花开了。", "夏天很热。", "秋天落叶。", "冬天下雪。"] * 3
-    corpus = Corpus(texts=[f"{t}{i}" for i, t in enumerate(texts)], dialogues=DIALOGUES + DIALOGUES[:2],
-                    sources=["test"])
-    answers = assistant_texts(corpus.dialogues)
-    assert len(answers) == len({m["content"] for d in DIALOGUES for m in d if m["role"] == "assistant"})
-    plain_train, plain_val = stage_examples(tokenizer, corpus, "pretrain", 64, 0.25, seed=3)
-    train, val = stage_examples(tokenizer, corpus, "pretrain", 64, 0.25, seed=3, answer_texts=True)
-    assert list(val.ids) == list(plain_val.ids) and val.ids
-    stream = [t for row in train.ids for t in row]
-    plain = [t for row in plain_train.ids for t in row]
-    extra = stream[len(plain):]
-    assert stream[:len(plain)] == plain
-    for answer in answers:
-        ids = tokenizer.encode(answer)
-        assert any(extra[i:i + len(ids)] == ids for i in range(len(extra) - len(ids) + 1)), answer
