@@ -145,7 +145,7 @@ def build_tokenizer(corpus: Corpus, vocab_size: int = 6400, whole_characters: bo
     for dialogue in corpus.dialogues:
         texts.extend(f"{m['role']}\n{m['content']}\n" for m in dialogue)
     if not texts:
-        raise TrainingError("the corpus is empty: nothing to build a vocabulary from")
+        raise TrainingError("语料是空的，无法构建词表 the corpus is empty: nothing to build a vocabulary from")
     return DIYTokenizer.train(texts, vocab_size, whole_characters=whole_characters,
                               sample_chars=VOCAB_SAMPLE_CHARS)
 
@@ -439,15 +439,19 @@ class Trainer:
         self.on_event = on_event if self.rank == 0 else None
         self.amp_dtype = autocast_dtype(self.device, self.config.precision)
         if model.config.vocab_size < tokenizer.vocab_size:
-            raise TrainingError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+            raise TrainingError(f"模型的词表 ({model.config.vocab_size}) 比分词器的 ({tokenizer.vocab_size}) 小 "
+                                f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                                 f"tokenizer's ({tokenizer.vocab_size})")
         self.train_rows, self.val_rows = stage_examples(
             tokenizer, corpus, stage, model.config.max_seq_len, self.config.val_fraction, self.config.seed)
         if not self.train_rows.ids:
-            what = "text documents" if stage == "pretrain" else "dialogues with an assistant answer"
-            raise TrainingError(f"no training data for the {stage} stage: the corpus has no {what}")
+            zh, en = (("预训练", "text documents") if stage == "pretrain"
+                      else ("对话微调", "dialogues with an assistant answer"))
+            raise TrainingError(f"{zh}阶段没有训练数据（语料里没有{'文本' if stage == 'pretrain' else '带回答的对话'}） "
+                                f"no training data for the {stage} stage: the corpus has no {en}")
         if len(self.train_rows.layout(self.config.seed, 0)) < self.world:
-            raise TrainingError(f"{len(self.train_rows.layout(self.config.seed, 0))} training rows cannot feed "
+            rows = len(self.train_rows.layout(self.config.seed, 0))
+            raise TrainingError(f"{rows} 行训练数据不够分给 {self.world} 个进程 {rows} training rows cannot feed "
                                 f"{self.world} processes")
         self._layout_cache: tuple[int, list[list[int]]] | None = None
         self.steps_per_epoch = self._epoch_steps(0)
@@ -742,9 +746,10 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` output (model weights must already be loaded)."""
         if state.get("version") != STATE_VERSION:
-            raise TrainingError(f"training state version {state.get('version')!r} is not supported")
+            raise TrainingError(f"不支持的训练状态版本 training state version {state.get('version')!r} is not supported")
         if state.get("stage") != self.stage:
-            raise TrainingError(f"the saved state is for the {state.get('stage')!r} stage, not {self.stage!r}")
+            raise TrainingError(f"保存的训练状态属于另一个阶段 the saved state is for the {state.get('stage')!r} stage, "
+                                f"not {self.stage!r}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])

@@ -225,7 +225,7 @@ def test_early_stopping_with_patience(tokenizer, corpus):
 
 
 def test_no_data_for_a_stage_is_a_clear_error(tokenizer):
-    with pytest.raises(TrainingError, match="no training data for the chat stage"):
+    with pytest.raises(TrainingError, match="对话微调阶段没有训练数据.* no training data for the chat stage"):
         Trainer(tiny(tokenizer), tokenizer, "chat", Corpus(texts=TEXTS, dialogues=[], sources=[]), fast())
 
 
