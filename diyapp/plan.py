@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 #: Share of the budget kept free for what follows the last step (the final save, the summary).
 RESERVE_FRACTION = 0.02
+#: With time left over, pretraining on a large corpus may take up to this many times the recipe's
+#: steps (songci, 1.6 M characters: the recipe's 3 epochs took 430 s of a 10-minute budget).
+MAX_GROWTH = 2
 #: Evaluations per stage in a budgeted plan (plus the one after the last step).
 EVALS_PER_STAGE = 4
 #: A forward pass over a row costs about this share of a training step over it (no backward, no optimizer).
@@ -82,7 +85,8 @@ def format_duration(seconds: float) -> str:
 @dataclass
 class StageNeed:
     """What planning one stage needs to know: the recipe's steps, the measured seconds per step,
-    the rows an epoch has and how many validation rows one evaluation scores."""
+    the rows an epoch has and how many validation rows one evaluation scores. ``max_steps``: the
+    most steps the stage may take when the budget leaves time over (None: the recipe's)."""
 
     stage: str
     recipe_steps: int
@@ -91,6 +95,7 @@ class StageNeed:
     batch_size: int
     val_rows: int = 0
     threads: int = 0
+    max_steps: int | None = None
 
 
 @dataclass
@@ -142,7 +147,8 @@ def _eval_seconds(need: StageNeed) -> float:
 
 
 def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
-    """The most steps of ``need`` (the recipe's at most) that fit in ``seconds`` with evaluations."""
+    """The most steps of ``need`` (the recipe's, or its ``max_steps``, at most) that fit in
+    ``seconds`` with evaluations."""
     one_eval = _eval_seconds(need)
     if seconds is None:
         steps = need.recipe_steps
@@ -150,7 +156,7 @@ def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
         eval_every = 0
     else:
         usable = seconds - one_eval * (EVALS_PER_STAGE + 1)
-        steps = max(1, min(need.recipe_steps, math.floor(usable / need.step_s)))
+        steps = max(1, min(need.max_steps or need.recipe_steps, math.floor(usable / need.step_s)))
         eval_every = max(1, math.ceil(steps / EVALS_PER_STAGE))
         evals = math.ceil(steps / eval_every)
     rows = need.steps_per_epoch
@@ -163,15 +169,25 @@ def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
 def allot(needs: Sequence[StageNeed], available_s: float | None) -> list[StageAllotment]:
     """Split ``available_s`` seconds between the stages.
 
-    When the recipe fits, every stage gets the recipe's steps (more would only overfit). When it
-    does not, each stage gets a share of the time proportional to what the recipe would take, and
-    as many steps as fit in its share. ``available_s`` None means no limit.
+    When the recipe fits, every stage gets the recipe's steps, and the time left over goes to the
+    stages that may take more (``max_steps``: pretraining on a large corpus, where more passes keep
+    lowering held-out loss; on small data more would only overfit), so the budget is used. When it
+    does not fit, each stage gets a share of the time proportional to what the recipe would take,
+    and as many steps as fit in its share. ``available_s`` None means no limit.
     """
     if available_s is None:
         return [_allot_one(n, None) for n in needs]
     full = [_allot_one(n, None) for n in needs]
     wanted = sum(a.seconds for a in full)
     if wanted <= available_s:
+        growing = [i for i, n in enumerate(needs) if (n.max_steps or 0) > n.recipe_steps]
+        if not growing:
+            return full
+        spare = available_s - wanted
+        share = sum(full[i].seconds for i in growing)
+        for i in growing:
+            grown = _allot_one(needs[i], full[i].seconds + spare * full[i].seconds / share)
+            full[i] = grown if grown.steps > full[i].steps else full[i]
         return full
     return [_allot_one(n, available_s * a.seconds / wanted) for n, a in zip(needs, full)]
 

@@ -279,7 +279,8 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
     as fit (:func:`diyapp.plan.allot`), and each plan's config records them, so a saved run
     resumes with the same plan. :func:`run_plans` then trains with these trainers.
     """
-    from .plan import RESERVE_FRACTION, BudgetPlan, StageNeed, allot, fastest_threads
+    from .plan import MAX_GROWTH, RESERVE_FRACTION, BudgetPlan, StageNeed, allot, fastest_threads
+    from .recipe import is_large, text_chars
     from .train import Trainer, TrainingError, rng_state, set_rng_state
 
     started = clock() if started is None else started
@@ -295,8 +296,11 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
             trainer.load_state_dict(plan.state)
         threads, step_s = fastest_threads(trainer, steps=probe_steps)
         set_rng_state(before)
-        needs.append(StageNeed(plan.stage, trainer.total_steps - trainer.step, step_s, trainer.steps_per_epoch,
-                               trainer.config.batch_size, len(trainer.val_rows.ids), threads))
+        left = trainer.total_steps - trainer.step
+        grow = plan.stage == "pretrain" and plan.state is None and is_large(text_chars(corpus.texts))
+        needs.append(StageNeed(plan.stage, left, step_s, trainer.steps_per_epoch, trainer.config.batch_size,
+                               len(trainer.val_rows.ids), threads,
+                               max_steps=MAX_GROWTH * left if grow else None))
         plan.trainer = trainer
     spent = clock() - started
     available = None if budget_s is None else max(0.0, budget_s * (1 - RESERVE_FRACTION) - spent)

@@ -45,6 +45,21 @@ def test_allot_keeps_the_recipe_when_it_fits_and_shares_the_time_when_not():
     assert tight[0].seconds == pytest.approx(tight[1].seconds, rel=0.15)
 
 
+def test_allot_gives_time_left_over_to_a_stage_that_may_grow():
+    """A large corpus's pretraining (``max_steps`` above the recipe's) takes the time the recipe
+    leaves over, up to its ``max_steps``; the other stage keeps the recipe."""
+    needs = [StageNeed("pretrain", recipe_steps=1000, step_s=0.1, steps_per_epoch=100, batch_size=4, val_rows=40,
+                       max_steps=2000),
+             StageNeed("chat", recipe_steps=500, step_s=0.2, steps_per_epoch=50, batch_size=16, val_rows=0)]
+    recipe = allot(needs, None)
+    grown = allot(needs, 260)
+    assert grown[1].steps == 500 and 1000 < grown[0].steps < 2000 and not any(a.shortened for a in grown)
+    assert 0.9 * 260 < sum(a.seconds for a in grown) <= 260          # the budget is used, not exceeded
+    assert grown[0].epochs > recipe[0].epochs
+    assert allot(needs, 100_000)[0].steps == 2000                     # never past max_steps
+    assert all(a.shortened for a in allot(needs, 150))                # and shortened when tight
+
+
 def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  # noqa: F811
     """A fake speed (0.5 s a step) and a fake clock: the planned steps fit in the 30 s budget, and
     the real run ends on the last planned step with the learning rate at its floor."""
