@@ -357,8 +357,9 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         callbacks: list[Any] = []
         if budget is not None and budget.deadline is not None and trainer.world == 1:
             later = sum(a.seconds for a in budget.stages[index + 1:])
+            allotted = budget.stages[index]  # the guard may shorten the plan, or grow it back to it
             callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock,
-                                         max_steps=trainer.step + budget.stages[index].recipe_steps))
+                                         max_steps=trainer.step + max(allotted.recipe_steps, allotted.steps)))
         if prompts and plan.stage == "pretrain":
             callbacks.append(_sampler(bench, trainer, prompts, on_samples))
         if trainer.rank == 0:

@@ -81,6 +81,28 @@ def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  
         assert last_lr <= p.config.min_lr + 0.05 * (p.config.lr - p.config.min_lr)
 
 
+def test_a_grown_pretraining_plan_runs_to_its_end(corpus, monkeypatch):  # noqa: F811
+    """On a large corpus (faked) with time to spare, pretraining is planned past the recipe's steps,
+    and the guard that keeps the run on time does not cut it back to the recipe's count."""
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.01)
+    monkeypatch.setattr(recipe, "is_large", lambda chars: True)
+    config = wf.model_config("custom", **TINY)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=2, chat_epochs=1, seed=1, batch_size=2)
+    bench = wf.start_new(corpus, config)
+    now = [0.0]
+    plan = wf.plan_budget(bench, plans, corpus, budget_s=60, started=0.0, clock=lambda: now[0])
+    pre = plan.stages[0]
+    assert pre.steps == budget_plan.MAX_GROWTH * pre.recipe_steps and plan.stages[1].steps == plan.stages[1].recipe_steps
+
+    def clock() -> float:  # a machine well ahead of the plan's pace
+        now[0] += 0.001
+        return now[0]
+
+    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=clock)
+    assert [(r.stage, r.status, r.steps) for r in results] == [
+        ("pretrain", "completed", pre.steps), ("chat", "completed", plan.stages[1].steps)]
+
+
 def test_warm_up_timing_leaves_the_model_and_the_data_position_as_they_were(corpus):  # noqa: F811
     from diyapp.train import Trainer
 
