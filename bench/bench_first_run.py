@@ -33,8 +33,13 @@ from diyapp.ui.prompts import CHAT_PROMPT  # noqa: E402
 
 
 def first_run(idle: float, timeout: float, screen_path: str | None = None) -> dict:
-    """Run the guided session in a fresh folder, pressing Enter whenever it waits."""
-    folder = tempfile.mkdtemp(prefix="diyapp-first-run-")
+    """Run the guided session in a fresh folder (removed afterwards: it holds two 37 MB saves),
+    pressing Enter whenever it waits."""
+    with tempfile.TemporaryDirectory(prefix="diyapp-first-run-") as folder:
+        return _run_in(folder, idle, timeout, screen_path)
+
+
+def _run_in(folder: str, idle: float, timeout: float, screen_path: str | None) -> dict:
     env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm", COLUMNS="120", LINES="40")
     child = pexpect.spawn(sys.executable, [str(ROOT / "main.py")], cwd=folder, env=env, encoding="utf-8",
                           dimensions=(40, 120), timeout=idle)
@@ -59,8 +64,7 @@ def first_run(idle: float, timeout: float, screen_path: str | None = None) -> di
     child.send("exit\r")
     child.expect(pexpect.EOF, timeout=30)
     return {"seconds_to_chat": round(seconds, 1), "enter_presses": enters, "idle_waited_s": round(waited, 1),
-            "native_bf16": cpu_supports_bf16(), "target_s": 90 if cpu_supports_bf16() else 180,
-            "folder": folder}
+            "native_bf16": cpu_supports_bf16(), "target_s": 90 if cpu_supports_bf16() else 180}
 
 
 def _plain(text: str) -> str:

@@ -286,6 +286,7 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
     started = clock() if started is None else started
     if budget_s is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TrainingError("时间预算只能在单进程里用，不能在 torchrun 下 a time budget works in a single process, not under torchrun")
+    large = is_large(text_chars(corpus.texts))
     needs = []
     for plan in plans:
         if plan.rng:
@@ -297,7 +298,7 @@ def plan_budget(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus", 
         threads, step_s = fastest_threads(trainer, steps=probe_steps)
         set_rng_state(before)
         left = trainer.total_steps - trainer.step
-        grow = plan.stage == "pretrain" and plan.state is None and is_large(text_chars(corpus.texts))
+        grow = plan.stage == "pretrain" and plan.state is None and large
         needs.append(StageNeed(plan.stage, left, step_s, trainer.steps_per_epoch, trainer.config.batch_size,
                                len(trainer.val_rows.ids), threads,
                                max_steps=MAX_GROWTH * left if grow else None))
