@@ -91,8 +91,9 @@ class ChatSession:
               seed: int | None = None) -> Reply:
         """Answer ``message``, streaming whole characters to ``on_text`` as they are generated.
 
-        The exchange joins the history only when the answer finished; a KeyboardInterrupt during
-        generation propagates after the partial answer was streamed, leaving the history unchanged.
+        The exchange joins the history once the reply is generated (whatever ``stop`` says); a
+        KeyboardInterrupt during generation propagates after the partial answer was streamed,
+        leaving the history unchanged.
         """
         max_len = self.model.config.max_seq_len
         budget = answer_budget(self.settings, max_len)

@@ -389,4 +389,4 @@ def stream_text(model: DIYForCausalLM, ids: list[int], max_new_tokens: int, sett
     emit(decoder.flush(drop_partial=True))  # only a reply cut at its limit can end mid-character
     finished = max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == eos_token_id
     stop = "end" if finished else "limit" if count >= max_new_tokens else "loop"
-    return StreamedText(text="".join(pieces), tokens=count + finished, seconds=seconds, stop=stop)
+    return StreamedText(text="".join(pieces), tokens=count + int(finished), seconds=seconds, stop=stop)
