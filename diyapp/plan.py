@@ -112,6 +112,9 @@ class StageAllotment:
     epochs: float
     recipe_steps: int
     threads: int = 0
+    #: the most steps the stage may take if the machine turns out faster than measured (the
+    #: recipe's, or the need's ``max_steps`` for a stage that may grow): :class:`BudgetGuard`'s cap
+    max_steps: int = 0
 
     @property
     def shortened(self) -> bool:
@@ -163,7 +166,8 @@ def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
     return StageAllotment(stage=need.stage, steps=steps, batch_size=need.batch_size, step_s=need.step_s,
                           eval_every=eval_every, eval_s=one_eval * evals,
                           seconds=steps * need.step_s + one_eval * evals, epochs=steps / max(1, rows),
-                          recipe_steps=need.recipe_steps, threads=need.threads)
+                          recipe_steps=need.recipe_steps, threads=need.threads,
+                          max_steps=max(need.recipe_steps, need.max_steps or 0))
 
 
 def allot(needs: Sequence[StageNeed], available_s: float | None) -> list[StageAllotment]:

@@ -358,9 +358,11 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         callbacks: list[Any] = []
         if budget is not None and budget.deadline is not None and trainer.world == 1:
             later = sum(a.seconds for a in budget.stages[index + 1:])
-            allotted = budget.stages[index]  # the guard may shorten the plan, or grow it back to it
-            callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock,
-                                         max_steps=trainer.step + max(allotted.recipe_steps, allotted.steps)))
+            # The guard may shorten the plan, or grow it up to the recipe's steps (a growable
+            # stage: up to its most) when the machine runs faster than the warm-up measured.
+            allotted = budget.stages[index]
+            cap = max(allotted.recipe_steps, allotted.steps, allotted.max_steps)
+            callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock, max_steps=trainer.step + cap))
         if prompts and plan.stage == "pretrain":
             callbacks.append(_sampler(bench, trainer, prompts, on_samples))
         if trainer.rank == 0:

@@ -103,6 +103,32 @@ def test_a_grown_pretraining_plan_runs_to_its_end(corpus, monkeypatch):  # noqa:
         ("pretrain", "completed", pre.steps), ("chat", "completed", plan.stages[1].steps)]
 
 
+def test_a_growable_stage_grows_past_its_plan_on_a_faster_machine(corpus, monkeypatch):  # noqa: F811
+    """The warm-up measured steps slower than the run turns out to be (songci: 48 ms measured, 40 ms
+    run, and training ended at 84% of the budget): the guard grows a growable stage past its planned
+    steps, towards its most, so the budget is used; it never passes the most."""
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.01)
+    monkeypatch.setattr(recipe, "is_large", lambda chars: True)
+    config = wf.model_config("custom", **TINY)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=4, chat_epochs=0, seed=1, batch_size=2)
+    bench = wf.start_new(corpus, config)
+    now = [0.0]
+    recipe_steps = wf.plan_budget(bench, plans, corpus, budget_s=None, clock=lambda: now[0]).stages[0].steps
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=4, chat_epochs=0, seed=1, batch_size=2)
+    budget_s = recipe_steps * 1.5 * 0.01 / (1 - budget_plan.RESERVE_FRACTION)
+    plan = wf.plan_budget(bench, plans, corpus, budget_s=budget_s, started=0.0, clock=lambda: now[0])
+    pre = plan.stages[0]
+    assert recipe_steps < pre.steps < pre.max_steps == budget_plan.MAX_GROWTH * recipe_steps
+
+    def clock() -> float:  # each step takes half the measured time
+        now[0] += 0.005
+        return now[0]
+
+    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=clock)
+    assert results[0].status == "completed"
+    assert pre.steps < results[0].steps <= pre.max_steps
+
+
 def test_warm_up_timing_leaves_the_model_and_the_data_position_as_they_were(corpus):  # noqa: F811
     from diyapp.train import Trainer
 
