@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from .allocator import keep_freed_memory
 from .config import DIYConfig
 from .data import Corpus
 from .device import autocast_dtype, pick_device, precision_name
@@ -433,6 +434,8 @@ class Trainer:
         if self.world > 1 and torch.cuda.is_available() and device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.device = pick_device(str(device) if device is not None else None)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's activations reused, not page-faulted in again
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
