@@ -6,7 +6,9 @@ larger than twice that threshold is trimmed. A training step frees its activatio
 the backward pass and allocates them again in the next forward pass, so on the default model
 every step page-faulted them back in: about 3,000 page faults and 6 ms of system time per
 chat-tuning step. With blocks up to 32 MB taken from the heap and freed memory kept (trimmed only
-above 1 GB), those faults are gone and steps are 5-15% faster (bench/README.md). The price: the
+above 1 GB), those faults are gone and bf16 steps are 5-15% faster (bench/README.md). Float32
+steps did not fault (their buffers come in fewer sizes, which glibc's adaptive threshold covers)
+and ran 4-8% slower with the policy, so only low-precision training sets it. The price: the
 process keeps the memory of its largest step until it exits, which training reaches anyway.
 
 Only glibc (Linux) has these settings; elsewhere :func:`keep_freed_memory` does nothing.

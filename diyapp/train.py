@@ -434,13 +434,13 @@ class Trainer:
         if self.world > 1 and torch.cuda.is_available() and device is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         self.device = pick_device(str(device) if device is not None else None)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # each step's activations reused, not page-faulted in again
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.model = model.to(self.device)
         self.on_event = on_event if self.rank == 0 else None
         self.amp_dtype = autocast_dtype(self.device, self.config.precision)
+        if self.device.type == "cpu" and self.amp_dtype is not None:
+            keep_freed_memory()  # each bf16 step's buffers reused, not page-faulted in again
         if model.config.vocab_size < tokenizer.vocab_size:
             raise TrainingError(f"模型的词表 ({model.config.vocab_size}) 比分词器的 ({tokenizer.vocab_size}) 小 "
                                 f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
