@@ -138,3 +138,57 @@ def test_generation_config_updates_from_text():
     for name, text in [("temperature", "hot"), ("top_p", "2"), ("max_new_tokens", "-1"), ("colour", "1")]:
         with pytest.raises(ValueError):
             cfg.updated(name, text)
+
+
+def _run_picker(picker, step_seconds, steps):
+    """Drive ``picker`` with fake step times ``step_seconds(threads)``; the thread counts it chose."""
+    chosen = []
+    for _ in range(steps):
+        k = picker.pick()
+        chosen.append(k)
+        picker.record(k, step_seconds(k))
+    return chosen
+
+
+def test_thread_picker_times_each_option_then_keeps_the_faster():
+    from diyapp.generation import RETRY_EVERY, ThreadPicker
+
+    picker = ThreadPicker([1, 2])
+    chosen = _run_picker(picker, {1: 0.010, 2: 0.005}.get, 200)
+    assert chosen[:2] == [1, 2]                         # each option timed once
+    assert chosen[2:].count(2) > 0.9 * 198              # then the faster one
+    assert 0 < chosen[2:].count(1) <= 198 // (2 * RETRY_EVERY) + 1   # the slower retried, at 2x the interval
+
+
+def test_thread_picker_follows_a_change_in_the_machines_load():
+    """Two threads fastest while quiet; then another process takes a core and two threads get ten
+    times slower: the picker moves to one thread, and retries two only rarely."""
+    from diyapp.generation import ThreadPicker
+
+    picker = ThreadPicker([1, 2])
+    _run_picker(picker, {1: 0.010, 2: 0.006}.get, 100)
+    busy = _run_picker(picker, {1: 0.010, 2: 0.100}.get, 1000)
+    assert busy[-900:].count(1) > 0.98 * 900
+
+
+def test_batch_one_decoding_on_a_cpu_uses_the_picker(tiny_model, tiny_config, monkeypatch):
+    """With two threads allowed, a one-row reply's steps run with what the picker chooses (both
+    counts tried), the output is the same greedy text, and the thread count is restored."""
+    from diyapp import generation
+
+    prompt = torch.randint(0, tiny_config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected = generate(tiny_model, prompt, 20, temperature=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        picker = generation.ThreadPicker([1, 2])
+        monkeypatch.setattr(generation, "thread_picker", lambda model, threads: picker)
+        seen = []
+        real = torch.set_num_threads
+        monkeypatch.setattr(generation.torch, "set_num_threads", lambda k: (seen.append(k), real(k)))
+        out = generate(tiny_model, prompt, 20, temperature=0)
+        assert torch.equal(out, expected)
+        assert set(picker.seconds) == {1, 2} and {1, 2} <= set(seen)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
