@@ -88,6 +88,18 @@ from diyapp.train import (Trainer, TrainConfig, build_tokenizer, default_stage_c
                           new_model)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and cache size from /proc/cpuinfo (bf16 rounding, and so the recipe's
+    figures, can differ between CPU models: kernels block their sums by the caches)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    wanted = ("model name", "cache size")
+    found = {k.strip(): v.strip() for k, _, v in (l.partition(":") for l in lines) if k.strip() in wanted}
+    return ", ".join(found[k] for k in wanted if k in found)
+
+
 def recipe(seed: int) -> dict:
     """Train the default model with the app's recipe; time it and measure the hit rate."""
     started = time.perf_counter()
@@ -181,7 +193,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train.json"))
     args = parser.parse_args()
-    out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__}
+    out: dict = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "cpu": cpu_description()}
     if args.part in ("all", "recipe"):
         r = out["recipe"] = recipe(args.seed)
         print(f"recipe: {r['parameters']:,} parameters, vocabulary {r['vocab_size']}")
