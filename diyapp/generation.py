@@ -228,6 +228,8 @@ class ThreadPicker:
     its descheduled thread (two threads fell to ~60 tokens/s where one held ~800). So each option is
     timed, the fastest by a moving average of its step times is used, and each slower one is tried
     again now and then, the more rarely the slower it was, so a change in the machine's load shows.
+    The two counts sum a product in different orders (logits differ by ~1e-6), so a greedy near tie
+    may go either way between runs; the tests run on one thread, where there is no choice.
     """
 
     def __init__(self, options: Sequence[int]) -> None:
