@@ -149,14 +149,15 @@ def _eval_seconds(need: StageNeed) -> float:
     return need.val_rows / max(1, need.batch_size) * need.step_s * EVAL_COST
 
 
-def _allot_one(need: StageNeed, seconds: float | None) -> StageAllotment:
+def _allot_one(need: StageNeed, seconds: float | None, spread_evals: bool = False) -> StageAllotment:
     """The most steps of ``need`` (the recipe's, or its ``max_steps``, at most) that fit in
-    ``seconds`` with evaluations."""
+    ``seconds`` with evaluations. ``seconds`` None: the recipe's steps, evaluated once an epoch,
+    or ``EVALS_PER_STAGE`` times spread over them with ``spread_evals``."""
     one_eval = _eval_seconds(need)
     if seconds is None:
         steps = need.recipe_steps
-        evals = math.ceil(steps / max(1, need.steps_per_epoch))
-        eval_every = 0
+        eval_every = max(1, math.ceil(steps / EVALS_PER_STAGE)) if spread_evals else 0
+        evals = math.ceil(steps / (eval_every or max(1, need.steps_per_epoch)))
     else:
         usable = seconds - one_eval * (EVALS_PER_STAGE + 1)
         steps = max(1, min(need.max_steps or need.recipe_steps, math.floor(usable / need.step_s)))
@@ -177,11 +178,14 @@ def allot(needs: Sequence[StageNeed], available_s: float | None) -> list[StageAl
     stages that may take more (``max_steps``: pretraining on a large corpus, where more passes keep
     lowering held-out loss; on small data more would only overfit), so the budget is used. When it
     does not fit, each stage gets a share of the time proportional to what the recipe would take,
-    and as many steps as fit in its share. ``available_s`` None means no limit.
+    and as many steps as fit in its share. With a budget each stage evaluates (and pretraining shows
+    its samples) ``EVALS_PER_STAGE`` times plus at its end, not once an epoch: the bundled recipe's
+    16 pretraining epochs gave 16 rounds of samples and about 2 s of evaluations. ``available_s``
+    None means no limit (the recipe as it is).
     """
     if available_s is None:
         return [_allot_one(n, None) for n in needs]
-    full = [_allot_one(n, None) for n in needs]
+    full = [_allot_one(n, None, spread_evals=True) for n in needs]
     wanted = sum(a.seconds for a in full)
     if wanted <= available_s:
         growing = [i for i, n in enumerate(needs) if (n.max_steps or 0) > n.recipe_steps]
@@ -282,7 +286,7 @@ class BudgetGuard:
         self._marks.append((step, now))
         since = step - max(10, done // 4)
         first_step, first_time = next(m for m in self._marks if m[0] >= since or m is self._marks[-2])
-        pace = (now - first_time) / max(1, step - first_step)
+        pace = max(1e-9, (now - first_time) / max(1, step - first_step))  # a clock that stood still
         left = self.deadline - now
         span = max(1e-9, self.deadline - self.started)
         projected = (total - self.trainer.step) * pace

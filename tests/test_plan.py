@@ -129,6 +129,35 @@ def test_a_growable_stage_grows_past_its_plan_on_a_faster_machine(corpus, monkey
     assert pre.steps < results[0].steps <= pre.max_steps
 
 
+def test_a_budget_the_recipe_fits_evaluates_a_few_times_not_every_epoch(corpus, monkeypatch):  # noqa: F811
+    """The recipe fits the budget: its steps are kept, but pretraining evaluates (and shows samples)
+    EVALS_PER_STAGE times and at its end, not once an epoch (16 rounds of samples on the bundled
+    recipe); without a budget the recipe's once-an-epoch stays."""
+    import math
+
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.001)
+    config = wf.model_config("custom", **TINY)
+    bench = wf.start_new(corpus, config)
+    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=12, chat_epochs=1, seed=1, batch_size=1)
+    now = [0.0]
+    plan = wf.plan_budget(bench, plans, corpus, budget_s=600, started=0.0, clock=lambda: now[0])
+    pre = plan.stages[0]
+    assert pre.steps == pre.recipe_steps and pre.epochs == 12
+    assert pre.eval_every == math.ceil(pre.steps / budget_plan.EVALS_PER_STAGE)
+    evals, samples = [], []
+
+    def clock() -> float:  # the measured pace
+        now[0] += 0.001
+        return now[0]
+
+    wf.run_plans(bench, plans, corpus, budget=plan, clock=clock,
+                 on_event=lambda e: evals.append(e.step) if e.kind == "eval" and e.stage == "pretrain" else None,
+                 on_samples=lambda step, completions: samples.append(step))
+    assert 2 <= len(evals) <= budget_plan.EVALS_PER_STAGE + 1 and len(samples) <= budget_plan.EVALS_PER_STAGE + 2
+    unbudgeted, _ = wf.plan_new(corpus, config, pretrain_epochs=12, chat_epochs=1, seed=1, batch_size=1)
+    assert wf.plan_budget(bench, unbudgeted, corpus, budget_s=None).stages[0].eval_every == 0
+
+
 def test_warm_up_timing_leaves_the_model_and_the_data_position_as_they_were(corpus):  # noqa: F811
     from diyapp.train import Trainer
 
@@ -256,3 +285,17 @@ def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, two_threads,
     threads, seconds = budget_plan.fastest_threads(trainer)
     assert (threads, seconds) == ((1, 0.5) if expected == 1 else (many, 1.0))
     assert torch.get_num_threads() == many                            # put back
+
+
+def test_the_guard_survives_a_clock_that_stands_still():
+    """A clock that does not move between checks (a pace of zero) must not stop training with a
+    ZeroDivisionError: the guard then only lets the stage grow up to its most steps."""
+    from diyapp.train import TrainEvent
+
+    trainer = FakeTrainer(200)
+    guard = BudgetGuard(trainer, deadline=100.0, clock=lambda: 5.0, max_steps=300)
+    guard(TrainEvent("start", "pretrain", 0, trainer.total_steps))
+    while trainer.step < trainer.total_steps:
+        trainer.step += 1
+        guard(TrainEvent("step", "pretrain", trainer.step, trainer.total_steps))
+    assert trainer.step <= 300
