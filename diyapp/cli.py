@@ -81,24 +81,21 @@ def _duration(text: str) -> float:
     return _argument(parse_duration, "duration")(text)
 
 
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"需要一个数字 must be a number (got {text!r})") from None
+def _number(convert: Callable[[str], Any], message: str, name: str) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts with ``convert`` and refuses with ``message`` (argparse
+    names the value by ``name`` in its own errors)."""
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{message} (got {text!r})") from None
+
+    parse.__name__ = name
+    return parse
 
 
-_float.__name__ = "number"
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"需要一个整数 must be a whole number (got {text!r})") from None
-
-
-_int.__name__ = "integer"
+_float = _number(float, "需要一个数字 must be a number", "number")
+_int = _number(int, "需要一个整数 must be a whole number", "integer")
 
 
 def build_parser() -> argparse.ArgumentParser:
