@@ -4,7 +4,7 @@ By default glibc hands large freed blocks back to the system: blocks from 128 KB
 mapping (the threshold then adapts to what was freed, up to 32 MB), and a free top of the heap
 larger than twice that threshold is trimmed. A training step frees its activations at the end of
 the backward pass and allocates them again in the next forward pass, so on the default model
-every step page-faulted them back in: about 3,000 page faults and 6 ms of system time per
+every step page-faulted them back in: 700 to 3,600 page faults and 1 to 7 ms of system time per
 chat-tuning step. With blocks up to 32 MB taken from the heap and freed memory kept (trimmed only
 above 1 GB), those faults are gone and bf16 steps are 5-15% faster (bench/README.md). Float32
 steps did not fault (their buffers come in fewer sizes, which glibc's adaptive threshold covers)

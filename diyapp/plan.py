@@ -111,10 +111,11 @@ class StageAllotment:
     seconds: float
     epochs: float
     recipe_steps: int
-    threads: int = 0
     #: the most steps the stage may take if the machine turns out faster than measured (the
-    #: recipe's, or the need's ``max_steps`` for a stage that may grow): :class:`BudgetGuard`'s cap
-    max_steps: int = 0
+    #: recipe's, or the need's ``max_steps`` for a stage that may grow; never below ``steps``):
+    #: :class:`BudgetGuard`'s cap
+    max_steps: int
+    threads: int = 0
 
     @property
     def shortened(self) -> bool:
@@ -179,9 +180,9 @@ def allot(needs: Sequence[StageNeed], available_s: float | None) -> list[StageAl
     lowering held-out loss; on small data more would only overfit), so the budget is used. When it
     does not fit, each stage gets a share of the time proportional to what the recipe would take,
     and as many steps as fit in its share. With a budget each stage evaluates (and pretraining shows
-    its samples) ``EVALS_PER_STAGE`` times plus at its end, not once an epoch: the bundled recipe's
-    16 pretraining epochs gave 16 rounds of samples and about 2 s of evaluations. ``available_s``
-    None means no limit (the recipe as it is).
+    its samples) ``EVALS_PER_STAGE`` times plus at its end, not once an epoch (the bundled recipe's
+    16 pretraining epochs gave 16 rounds of samples). ``available_s`` None means no limit (the
+    recipe as it is).
     """
     if available_s is None:
         return [_allot_one(n, None) for n in needs]

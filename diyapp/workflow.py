@@ -358,11 +358,10 @@ def run_plans(bench: Workbench, plans: Sequence[StagePlan], corpus: "Corpus",
         callbacks: list[Any] = []
         if budget is not None and budget.deadline is not None and trainer.world == 1:
             later = sum(a.seconds for a in budget.stages[index + 1:])
-            # The guard may shorten the plan, or grow it up to the recipe's steps (a growable
-            # stage: up to its most) when the machine runs faster than the warm-up measured.
-            allotted = budget.stages[index]
-            cap = max(allotted.recipe_steps, allotted.steps, allotted.max_steps)
-            callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock, max_steps=trainer.step + cap))
+            # The guard may shorten the plan, or grow it up to the stage's most steps when the
+            # machine runs faster than the warm-up measured.
+            callbacks.append(BudgetGuard(trainer, budget.deadline - later, clock=clock,
+                                         max_steps=trainer.step + budget.stages[index].max_steps))
         if prompts and plan.stage == "pretrain":
             callbacks.append(_sampler(bench, trainer, prompts, on_samples))
         if trainer.rank == 0:
