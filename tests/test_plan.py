@@ -81,24 +81,40 @@ def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  
         assert last_lr <= p.config.min_lr + 0.05 * (p.config.lr - p.config.min_lr)
 
 
+def _budgeted_bench(corpus, monkeypatch, step_s: float, large: bool = False):
+    """A tiny new model whose warm-up measures ``step_s`` seconds a step, and a function giving its
+    stage plans (``large``: the corpus counts as large, so pretraining may grow)."""
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: step_s)
+    if large:
+        monkeypatch.setattr(recipe, "is_large", lambda chars: True)
+    config = wf.model_config("custom", **TINY)
+    bench = wf.start_new(corpus, config)
+
+    def plans(pretrain_epochs: int, chat_epochs: int, batch_size: int = 2):
+        return wf.plan_new(corpus, config, pretrain_epochs=pretrain_epochs, chat_epochs=chat_epochs, seed=1,
+                           batch_size=batch_size)[0]
+    return bench, plans
+
+
+def _ticking(now: list[float], step_s: float):
+    """A clock over ``now`` that moves ``step_s`` seconds each time it is read."""
+    def clock() -> float:
+        now[0] += step_s
+        return now[0]
+    return clock
+
+
 def test_a_grown_pretraining_plan_runs_to_its_end(corpus, monkeypatch):  # noqa: F811
     """On a large corpus (faked) with time to spare, pretraining is planned past the recipe's steps,
     and the guard that keeps the run on time does not cut it back to the recipe's count."""
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.01)
-    monkeypatch.setattr(recipe, "is_large", lambda chars: True)
-    config = wf.model_config("custom", **TINY)
-    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=2, chat_epochs=1, seed=1, batch_size=2)
-    bench = wf.start_new(corpus, config)
+    bench, make_plans = _budgeted_bench(corpus, monkeypatch, 0.01, large=True)
+    plans = make_plans(2, 1)
     now = [0.0]
     plan = wf.plan_budget(bench, plans, corpus, budget_s=60, started=0.0, clock=lambda: now[0])
     pre = plan.stages[0]
     assert pre.steps == budget_plan.MAX_GROWTH * pre.recipe_steps and plan.stages[1].steps == plan.stages[1].recipe_steps
-
-    def clock() -> float:  # a machine well ahead of the plan's pace
-        now[0] += 0.001
-        return now[0]
-
-    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=clock)
+    # a machine well ahead of the plan's pace
+    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=_ticking(now, 0.001))
     assert [(r.stage, r.status, r.steps) for r in results] == [
         ("pretrain", "completed", pre.steps), ("chat", "completed", plan.stages[1].steps)]
 
@@ -107,24 +123,17 @@ def test_a_growable_stage_grows_past_its_plan_on_a_faster_machine(corpus, monkey
     """The warm-up measured steps slower than the run turns out to be (songci: 48 ms measured, 40 ms
     run, and training ended at 84% of the budget): the guard grows a growable stage past its planned
     steps, towards its most, so the budget is used; it never passes the most."""
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.01)
-    monkeypatch.setattr(recipe, "is_large", lambda chars: True)
-    config = wf.model_config("custom", **TINY)
-    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=4, chat_epochs=0, seed=1, batch_size=2)
-    bench = wf.start_new(corpus, config)
+    bench, make_plans = _budgeted_bench(corpus, monkeypatch, 0.01, large=True)
     now = [0.0]
-    recipe_steps = wf.plan_budget(bench, plans, corpus, budget_s=None, clock=lambda: now[0]).stages[0].steps
-    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=4, chat_epochs=0, seed=1, batch_size=2)
+    recipe_steps = wf.plan_budget(bench, make_plans(4, 0), corpus, budget_s=None, clock=lambda: now[0]).stages[0].steps
+    plans = make_plans(4, 0)
     budget_s = recipe_steps * 1.5 * 0.01 / (1 - budget_plan.RESERVE_FRACTION)
     plan = wf.plan_budget(bench, plans, corpus, budget_s=budget_s, started=0.0, clock=lambda: now[0])
     pre = plan.stages[0]
     assert recipe_steps < pre.steps < pre.max_steps == budget_plan.MAX_GROWTH * recipe_steps
 
-    def clock() -> float:  # each step takes half the measured time
-        now[0] += 0.005
-        return now[0]
-
-    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=clock)
+    # each step takes half the measured time
+    results = wf.run_plans(bench, plans, corpus, budget=plan, clock=_ticking(now, 0.005))
     assert results[0].status == "completed"
     assert pre.steps < results[0].steps <= pre.max_steps
 
@@ -135,27 +144,19 @@ def test_a_budget_the_recipe_fits_evaluates_a_few_times_not_every_epoch(corpus, 
     recipe); without a budget the recipe's once-an-epoch stays."""
     import math
 
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.001)
-    config = wf.model_config("custom", **TINY)
-    bench = wf.start_new(corpus, config)
-    plans, _ = wf.plan_new(corpus, config, pretrain_epochs=12, chat_epochs=1, seed=1, batch_size=1)
+    bench, make_plans = _budgeted_bench(corpus, monkeypatch, 0.001)
+    plans = make_plans(12, 1, batch_size=1)
     now = [0.0]
     plan = wf.plan_budget(bench, plans, corpus, budget_s=600, started=0.0, clock=lambda: now[0])
     pre = plan.stages[0]
     assert pre.steps == pre.recipe_steps and pre.epochs == 12
     assert pre.eval_every == math.ceil(pre.steps / budget_plan.EVALS_PER_STAGE)
     evals, samples = [], []
-
-    def clock() -> float:  # the measured pace
-        now[0] += 0.001
-        return now[0]
-
-    wf.run_plans(bench, plans, corpus, budget=plan, clock=clock,
+    wf.run_plans(bench, plans, corpus, budget=plan, clock=_ticking(now, 0.001),  # the measured pace
                  on_event=lambda e: evals.append(e.step) if e.kind == "eval" and e.stage == "pretrain" else None,
                  on_samples=lambda step, completions: samples.append(step))
     assert 2 <= len(evals) <= budget_plan.EVALS_PER_STAGE + 1 and len(samples) <= budget_plan.EVALS_PER_STAGE + 2
-    unbudgeted, _ = wf.plan_new(corpus, config, pretrain_epochs=12, chat_epochs=1, seed=1, batch_size=1)
-    assert wf.plan_budget(bench, unbudgeted, corpus, budget_s=None).stages[0].eval_every == 0
+    assert wf.plan_budget(bench, make_plans(12, 1, batch_size=1), corpus, budget_s=None).stages[0].eval_every == 0
 
 
 def test_warm_up_timing_leaves_the_model_and_the_data_position_as_they_were(corpus):  # noqa: F811
@@ -298,4 +299,4 @@ def test_the_guard_survives_a_clock_that_stands_still():
     while trainer.step < trainer.total_steps:
         trainer.step += 1
         guard(TrainEvent("step", "pretrain", trainer.step, trainer.total_steps))
-    assert trainer.step <= 300
+    assert trainer.step == 300  # grown to its most, and no further
