@@ -124,7 +124,8 @@ def stage_config(stage: str, model_cfg: DIYConfig | None = None, *, epochs: int 
                  max_steps: int | None = None, corpus_chars: int = 0) -> "TrainConfig":
     """The engine's recipe for ``stage``, adapted to a corpus of ``corpus_chars`` characters of
     text (:mod:`diyapp.recipe`), with the given fields overridden. A learning rate below the
-    recipe's floor lowers the floor to a tenth of it, so the schedule still decays."""
+    recipe's floor lowers the floor to a tenth of it, so the schedule still decays; Muon's rate
+    (where the recipe uses Muon) is scaled by the same factor."""
     from .recipe import pretrain_for
     from .train import default_stage_config
 
@@ -137,6 +138,7 @@ def stage_config(stage: str, model_cfg: DIYConfig | None = None, *, epochs: int 
     if lr is not None:
         changes["lr"] = float(lr)
         changes["min_lr"] = min(config.min_lr, float(lr) / 10)
+        changes["muon_lr"] = min(1.0, config.muon_lr * float(lr) / config.lr)  # Muon's rate follows
     for name, value in (("seed", seed), ("batch_size", batch_size), ("max_steps", max_steps)):
         if value is not None:
             changes[name] = value

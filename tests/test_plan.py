@@ -262,7 +262,9 @@ def test_without_a_budget_the_recipe_adapts_to_a_large_corpus():
     [small_plan], _ = wf.plan_new(small, default, chat_epochs=0)
     [large_plan], _ = wf.plan_new(large, big, chat_epochs=0)
     assert small_plan.config == wf.stage_config("pretrain", default)          # the bundled-size recipe as it was
-    assert large_plan.config.epochs < small_plan.config.epochs and large_plan.config.val_fraction < 0.05
+    chars = recipe.text_chars(large.texts)
+    assert large_plan.config.epochs == round(recipe.NO_BUDGET_PRETRAIN_CHARS / chars) <= recipe.LARGE_CORPUS_MAX_EPOCHS
+    assert large_plan.config.val_fraction < 0.05 and large_plan.config.optimizer == "adamw"  # as measured
     [chosen], _ = wf.plan_new(large, big, chat_epochs=0, pretrain_epochs=7)
     assert chosen.config.epochs == 7                                           # the person's choice wins
 

@@ -158,9 +158,9 @@ def _save_load(state):
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "chat"])
-def test_resume_is_bit_exact(tokenizer, corpus, stage):
-    config = fast(epochs=10, batch_size=3, grad_accum=2, val_fraction=0.2)
+@pytest.mark.parametrize("stage, optimizer", [("pretrain", "adamw"), ("chat", "adamw"), ("chat", "muon")])
+def test_resume_is_bit_exact(tokenizer, corpus, stage, optimizer):
+    config = fast(epochs=10, batch_size=3, grad_accum=2, val_fraction=0.2, optimizer=optimizer)
     straight = tiny(tokenizer)
     a = Trainer(straight, tokenizer, stage, corpus, config)
     assert a.total_steps >= 6
@@ -170,6 +170,7 @@ def test_resume_is_bit_exact(tokenizer, corpus, stage):
     b = Trainer(first, tokenizer, stage, corpus, config)
     assert b.run(steps=a.total_steps // 2).status == "paused"
     weights, state = _save_load(params(first)), _save_load(b.state_dict())
+    assert ("muon" in state) == (optimizer == "muon")
     torch.manual_seed(12345)  # whatever happens in between must not matter
 
     second = tiny(tokenizer)
