@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -19,8 +20,11 @@ def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 matrix instructions (AVX-512 BF16 or AMX).
 
     Without them PyTorch emulates bf16 matmuls, which on an AVX2 machine measured about 60x
-    slower than fp32, so autocast would be a large loss there.
+    slower than fp32, so autocast would be a large loss there. ``DIYAPP_CPU_BF16=0`` in the
+    environment treats the CPU as one without (everything then runs in float32, as there).
     """
+    if os.environ.get("DIYAPP_CPU_BF16", "").strip() == "0":
+        return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):

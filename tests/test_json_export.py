@@ -124,6 +124,31 @@ def test_train_state_only_when_asked_and_exact(tmp_path, model, tokenizer):
         save_model_json(tmp_path / "x.json", model, tokenizer, include_optimizer=True)
 
 
+def test_a_muon_training_state_resumes_from_json_exactly(tmp_path, model, tokenizer):
+    from diyapp.data import Corpus
+    from diyapp.train import TrainConfig, Trainer
+
+    corpus = Corpus(texts=[], dialogues=[[{"role": "user", "content": t[:6]}, {"role": "assistant", "content": t}]
+                                         for t in TEXTS], sources=["test"])
+    config = TrainConfig(epochs=2, batch_size=2, val_fraction=0.0, optimizer="muon", precision="fp32", seed=1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, tokenizer, "chat", corpus, config).run()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(start)
+    first = Trainer(model, tokenizer, "chat", corpus, config)
+    first.run(steps=first.total_steps // 2)
+    path = save_model_json(tmp_path / "run.json", model, tokenizer, include_optimizer=True,
+                           train_state=first.state_dict())
+    loaded = load_model_json(path)
+    assert loaded.train_state["muon"]["state"]  # Muon's momentum buffers travel in the JSON
+    second = Trainer(loaded.model, tokenizer, "chat", corpus, config)
+    second.load_state_dict(loaded.train_state)
+    second.run()
+    for name, value in loaded.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_refused(tmp_path, model, tokenizer, bad):
     path = tmp_path / "m.json"
