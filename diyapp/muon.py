@@ -27,20 +27,46 @@ NS_STEPS = 5
 def orthogonalize(updates: Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None) -> Tensor:
     """For each matrix ``updates[i]`` of a ``(n, rows, cols)`` stack, about the nearest
     semi-orthogonal matrix (``U Vᵀ`` of its SVD ``U S Vᵀ``), by ``steps`` Newton-Schulz iterations
-    computed in ``dtype`` (default: the input's). Returns the input's dtype and shape."""
+    computed in ``dtype`` (default: the input's). Returns the input's dtype and shape.
+
+    Each iteration is ``X ← a·X + (b·G + c·G²)·X`` with ``G = X·Xᵀ``, on the wide orientation
+    (``m x n``, ``m <= n``). In float32 and wider, a matrix wider than 1.5 m runs the same
+    iteration on its ``m x m`` Gram matrix instead (:func:`_orthogonalize_by_gram`): 38% fewer
+    products for the default model's matrices. bf16 keeps the direct form, whose rounding errors
+    do not compound (through the Gram matrix they did: twice the error against float64)."""
     a, b, c = NS_COEFFICIENTS
     x = updates.to(dtype or updates.dtype)
     tall = x.shape[-2] > x.shape[-1]
-    if tall:  # iterate on the smaller Gram matrix
+    if tall:  # iterate on the wide orientation: the smaller Gram matrix
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # every singular value <= 1
-    for _ in range(steps):
-        gram = torch.bmm(x, x.mT)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
-        x = torch.baddbmm(x, poly, x, beta=a)  # a·X + (b·G + c·G²)·X
+    if x.element_size() >= 4 and x.shape[-1] * 2 > x.shape[-2] * 3:
+        x = _orthogonalize_by_gram(x, steps)
+    else:
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
+            x = torch.baddbmm(x, poly, x, beta=a)  # a·X + (b·G + c·G²)·X
     if tall:
         x = x.mT
     return x.to(updates.dtype)
+
+
+def _orthogonalize_by_gram(x: Tensor, steps: int) -> Tensor:
+    """The Newton-Schulz iteration of :func:`orthogonalize` for a normalised wide stack ``x``
+    (``m x n``), with every product but two of size ``m x m``: each step multiplies ``X`` on the
+    left by ``M = a·I + b·G + c·G²``, so ``X_k = Q·X_0`` with ``Q`` the product of the ``M``s, and
+    ``G`` follows as ``M·G·M`` (the step's ``M`` commutes with its ``G``)."""
+    a, b, c = NS_COEFFICIENTS
+    gram = torch.bmm(x, x.mT)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    q = None
+    for step in range(steps):
+        m = torch.baddbmm(gram, gram, gram, beta=b, alpha=c).add_(eye, alpha=a)
+        q = m if q is None else torch.bmm(m, q)
+        if step + 1 < steps:
+            gram = torch.bmm(m, torch.bmm(gram, m))
+    return torch.bmm(q, x)
 
 
 class Muon(torch.optim.Optimizer):

@@ -231,7 +231,10 @@ def fastest_threads(trainer: "Trainer", steps: int = 6) -> tuple[int, float]:
     """(threads, seconds per step): the stage timed with PyTorch's threads and, on a CPU where it
     uses several, with one. On a busy machine one thread is often faster: the threads of a
     parallel kernel wait for each other whenever the system runs another process on one of the
-    cores. One thread is chosen only when it is clearly (10%) faster."""
+    cores. One thread is chosen only when it is clearly (10%) faster. One thread is timed over
+    half the steps after one skipped: on a quiet machine it is far slower (1.8x for the default
+    chat step) and those steps are thrown away (on a CPU without native bf16 the two probes of
+    the default recipe took ~8 s)."""
     import torch
 
     many = torch.get_num_threads()
@@ -240,7 +243,7 @@ def fastest_threads(trainer: "Trainer", steps: int = 6) -> tuple[int, float]:
         return many, seconds
     torch.set_num_threads(1)
     try:
-        one = measure_step_seconds(trainer, steps=steps)
+        one = measure_step_seconds(trainer, steps=max(2, steps // 2), skip=1)
     finally:
         torch.set_num_threads(many)
     return (1, one) if one < 0.9 * seconds else (many, seconds)

@@ -33,6 +33,24 @@ def test_orthogonalize_treats_each_matrix_of_a_stack_on_its_own():
     assert torch.allclose(together, alone, atol=1e-5)
 
 
+def test_the_gram_form_in_float32_matches_the_direct_iteration():
+    from diyapp import muon
+
+    torch.manual_seed(3)
+    for shape in ((2, 16, 40), (2, 40, 16)):  # wide enough for the Gram form, both orientations
+        g = torch.randn(shape) * torch.logspace(-1, 1, shape[-1])
+        x = g.mT if shape[1] > shape[2] else g
+        x = x / torch.linalg.matrix_norm(x, keepdim=True)
+        direct = x.double()
+        a, b, c = muon.NS_COEFFICIENTS
+        for _ in range(muon.NS_STEPS):
+            gram = direct @ direct.mT
+            direct = a * direct + (b * gram + c * gram @ gram) @ direct
+        expected = direct.mT if shape[1] > shape[2] else direct
+        assert torch.allclose(orthogonalize(g), expected.float(), atol=1e-4), shape
+        assert torch.allclose(muon._orthogonalize_by_gram(x, muon.NS_STEPS), direct.float(), atol=1e-4)
+
+
 def test_muon_takes_only_matrices_and_minimises_a_least_squares_problem():
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.zeros(4))])

@@ -63,7 +63,7 @@ def test_allot_gives_time_left_over_to_a_stage_that_may_grow():
 def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  # noqa: F811
     """A fake speed (0.5 s a step) and a fake clock: the planned steps fit in the 30 s budget, and
     the real run ends on the last planned step with the learning rate at its floor."""
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.5)
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6, skip=2: 0.5)
     now = [100.0]
     config = wf.model_config("custom", **TINY)
     plans, _ = wf.plan_new(corpus, config, pretrain_epochs=50, chat_epochs=50, seed=1, batch_size=2)
@@ -84,7 +84,7 @@ def test_a_budgeted_plan_fits_and_its_schedule_completes(corpus, monkeypatch):  
 def _budgeted_bench(corpus, monkeypatch, step_s: float, large: bool = False):
     """A tiny new model whose warm-up measures ``step_s`` seconds a step, and a function giving its
     stage plans (``large``: the corpus counts as large, so pretraining may grow)."""
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: step_s)
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6, skip=2: step_s)
     if large:
         monkeypatch.setattr(recipe, "is_large", lambda chars: True)
     config = wf.model_config("custom", **TINY)
@@ -228,7 +228,7 @@ def test_the_guard_leaves_an_on_time_run_alone():
 
 
 def test_a_resumed_run_keeps_its_plan(corpus, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6: 0.25)
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", lambda trainer, steps=6, skip=2: 0.25)
     config = wf.model_config("custom", **TINY)
     plans, _ = wf.plan_new(corpus, config, pretrain_epochs=50, chat_epochs=50, seed=1, batch_size=2)
     bench = wf.start_new(corpus, config)
@@ -282,11 +282,17 @@ def two_threads():
 def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, two_threads, one_thread_s, expected):
     many = torch.get_num_threads()
     assert many == 2
-    monkeypatch.setattr(budget_plan, "measure_step_seconds",
-                        lambda trainer, steps=6: 1.0 if torch.get_num_threads() > 1 else one_thread_s)
+    probes = []
+
+    def measure(trainer, steps=6, skip=2):
+        probes.append((torch.get_num_threads(), steps, skip))
+        return 1.0 if torch.get_num_threads() > 1 else one_thread_s
+
+    monkeypatch.setattr(budget_plan, "measure_step_seconds", measure)
     trainer = type("T", (), {"device": torch.device("cpu")})()
     threads, seconds = budget_plan.fastest_threads(trainer)
     assert (threads, seconds) == ((1, 0.5) if expected == 1 else (many, 1.0))
+    assert probes == [(many, 6, 2), (1, 3, 1)]                        # the slow probe is the short one
     assert torch.get_num_threads() == many                            # put back
 
 

@@ -91,6 +91,8 @@ def test_sizes_and_custom_fields():
 def test_stage_config_overrides_keep_a_valid_schedule():
     cfg = wf.stage_config("chat", epochs=50, lr=1e-4)
     assert cfg.epochs == 50 and cfg.lr == 1e-4 and cfg.min_lr <= cfg.lr / 10 + 1e-12
+    default = wf.stage_config("chat")
+    assert default.optimizer == "muon" and cfg.muon_lr == pytest.approx(default.muon_lr * 1e-4 / default.lr)
     recipe = wf.stage_config("pretrain")
     assert recipe.epochs >= 1 and recipe.min_lr <= recipe.lr
 
