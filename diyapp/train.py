@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .allocator import keep_freed_memory
 from .config import DIYConfig
 from .data import Corpus
-from .device import autocast_dtype, cpu_supports_bf16, pick_device, precision_name
+from .device import autocast_dtype, pick_device, precision_name
 from .model import DIYForCausalLM
 from .muon import Muon
 from .ngram import KneserNey, count_symbols
@@ -422,19 +422,20 @@ def block_matrices(model: nn.Module) -> list[nn.Parameter]:
             if p.requires_grad and p.dim() == 2 and name.startswith("model.layers.")]
 
 
-def make_optimizers(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.AdamW, Muon | None]:
+def make_optimizers(model: nn.Module, config: TrainConfig, low_precision: torch.dtype | None = None
+                    ) -> tuple[torch.optim.AdamW, Muon | None]:
     """The stage's optimizers: AdamW for every weight, or (``config.optimizer == "muon"``) AdamW
     for the embeddings, head and norm scales and Muon for the blocks' matrices. Muon's weight decay
-    is scaled so that each step shrinks a matrix as much as AdamW's would (``lr·weight_decay``)."""
+    is scaled so that each step shrinks a matrix as much as AdamW's would (``lr·weight_decay``);
+    its Newton-Schulz products run in ``low_precision`` (the stage's autocast dtype, bf16 where
+    the hardware runs it natively), else in float32."""
     if config.optimizer != "muon":
         return make_optimizer(list(model.parameters()), config.lr, config.weight_decay), None
     matrices = block_matrices(model)
     chosen = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in chosen]
-    device = matrices[0].device if matrices else torch.device("cpu")
-    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
     muon = Muon(matrices, lr=config.muon_lr, weight_decay=config.weight_decay * config.lr / config.muon_lr,
-                ns_dtype=torch.bfloat16 if fast_bf16 else None) if matrices else None
+                ns_dtype=low_precision) if matrices else None
     return make_optimizer(rest, config.lr, config.weight_decay), muon
 
 
@@ -515,7 +516,7 @@ class Trainer:
         self.total_steps = min(total, self.config.max_steps) if self.config.max_steps else total
         self.warmup = self.config.warmup_steps if self.config.warmup_steps is not None \
             else max(1, round(0.05 * self.total_steps))
-        self.optimizer, self.muon = make_optimizers(self.model, self.config)
+        self.optimizer, self.muon = make_optimizers(self.model, self.config, self.amp_dtype)
         self._module: nn.Module = _LossModule(self.model)
         if self.world > 1:
             self._module = nn.parallel.DistributedDataParallel(

@@ -19,7 +19,8 @@ def test_diyapp_cpu_bf16_0_runs_everything_in_float32(monkeypatch, fresh_detecti
     assert cpu_supports_bf16() is False
     assert autocast_dtype("cpu", "auto") is None
     assert autocast_dtype("cpu", "bf16") is torch.bfloat16  # an explicit choice still wins
-    _, muon = make_optimizers(tiny_model, TrainConfig(optimizer="muon"))
+    config = TrainConfig(optimizer="muon")
+    _, muon = make_optimizers(tiny_model, config, autocast_dtype("cpu", config.precision))
     assert muon.ns_dtype is None  # Muon's products in float32 too
 
 

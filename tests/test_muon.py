@@ -87,3 +87,15 @@ def test_a_muon_stage_trains_block_matrices_with_muon_and_the_rest_with_adamw(ti
     # Each step shrinks a matrix by the same factor under either optimizer.
     assert muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"] == pytest.approx(3e-3 * 0.6)
     assert make_optimizers(tiny_model, TrainConfig())[1] is None
+
+
+def test_muon_orthogonalises_in_the_stage_precision(tokenizer):
+    from diyapp.data import Corpus
+    from diyapp.train import Trainer
+
+    from .conftest import SMALL_TEXTS, make_model
+
+    corpus = Corpus(texts=SMALL_TEXTS, sources=["test"])
+    for precision, expected in (("fp32", None), ("bf16", torch.bfloat16)):
+        config = TrainConfig(epochs=1, batch_size=2, val_fraction=0.0, optimizer="muon", precision=precision)
+        assert Trainer(make_model(tokenizer), tokenizer, "pretrain", corpus, config).muon.ns_dtype is expected

@@ -29,7 +29,8 @@ def setup():
     torch.manual_seed(0)
     model = new_model(DIYConfig(vocab_size=400, num_layers=2, hidden_size=32, num_heads=4, max_seq_len=48,
                                 dropout=0.0), tokenizer)
-    config = TrainConfig(epochs=2, batch_size=4, lr=3e-3, val_fraction=0.0, seed=5, precision="fp32")
+    config = TrainConfig(epochs=2, batch_size=4, lr=3e-3, val_fraction=0.0, seed=5, precision="fp32",
+                         optimizer="muon")  # the recipe's optimizer
     return corpus, tokenizer, model, config
 
 
