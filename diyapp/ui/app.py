@@ -177,14 +177,15 @@ class App:
                          f"{adapted.num_layers} layers.", "dim")
             config = adapted
         recipe = Table(title="推荐的训练设置 recommended settings", title_justify="left", header_style="bold")
-        for column in ("阶段 stage", "轮数 epochs", "学习率 lr", "批大小 batch"):
+        for column in ("阶段 stage", "轮数 epochs", "学习率 lr", "批大小 batch", "优化器 optimizer"):
             recipe.add_column(column)
         from ..recipe import text_chars
 
         defaults = {stage: wf.stage_config(stage, config, corpus_chars=text_chars(corpus.texts))
                     for stage in wf.STAGES}
         for stage, cfg in defaults.items():
-            recipe.add_row(stage_label(stage), str(cfg.epochs), f"{cfg.lr:g}", str(cfg.batch_size))
+            recipe.add_row(stage_label(stage), str(cfg.epochs), f"{cfg.lr:g}", str(cfg.batch_size),
+                           f"Muon ({cfg.muon_lr:g}) + AdamW" if cfg.optimizer == "muon" else "AdamW")
         self.console.print(recipe)
         overrides: dict[str, Any] = {}
         from ..plan import DEFAULT_BUDGET, parse_budget
