@@ -3,8 +3,8 @@
 Muon (Keller Jordan, 2024) is momentum SGD whose update for each weight matrix is replaced by the
 nearest semi-orthogonal matrix (the update's singular values all set to about 1), found with a few
 Newton-Schulz iterations. Every direction of the update then moves at the same rate, where Adam's
-update is dominated by a few large ones. On this project's chat recipe it learns the same answers
-in about half the steps of AdamW (bench/README.md, "Muon"). Embeddings, the output head and norm
+update is dominated by a few large ones. On this project's bundled data it learned the answers in
+half the epochs AdamW needed at the same batch size (bench/README.md, "Muon"). Embeddings, the output head and norm
 scales stay with AdamW, as in the original.
 
 Imports only torch.
@@ -76,7 +76,7 @@ class Muon(torch.optim.Optimizer):
     is orthogonalised, scaled by ``sqrt(max(1, out/in))`` (so tall matrices move as much per
     element as square ones), and ``W ← W·(1 - lr·weight_decay) - lr·update``. Matrices of the same
     shape are orthogonalised together in one batched product. ``ns_dtype``: the dtype of the
-    Newton-Schulz products (bf16 where the hardware runs it natively; None = the weights').
+    Newton-Schulz products (the trainer passes its autocast dtype; None = the weights').
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.02, momentum: float = 0.95,

@@ -233,8 +233,8 @@ def fastest_threads(trainer: "Trainer", steps: int = 6) -> tuple[int, float]:
     parallel kernel wait for each other whenever the system runs another process on one of the
     cores. One thread is chosen only when it is clearly (10%) faster. One thread is timed over
     half the steps after one skipped: on a quiet machine it is far slower (1.8x for the default
-    chat step) and those steps are thrown away (on a CPU without native bf16 the two probes of
-    the default recipe took ~8 s)."""
+    chat step) and those steps are thrown away (as on AVX2, both stages' probes of the default
+    recipe took 7.4 s with one thread timed like all, 5.0 s so)."""
     import torch
 
     many = torch.get_num_threads()

@@ -73,8 +73,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 1):
-            problems.append("lr must be a number in (0, 1]")
+        for name in ("lr", "muon_lr"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) <= 1):
+                problems.append(f"{name} must be a number in (0, 1]")
         if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
             problems.append("min_lr must be between 0 and lr")
         if not 0 <= self.val_fraction < 1:
@@ -90,8 +91,6 @@ class TrainConfig:
             problems.append("dropout must be in [0, 1)")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
-        if not (isinstance(self.muon_lr, (int, float)) and 0 < self.muon_lr <= 1):
-            problems.append("muon_lr must be a number in (0, 1]")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -173,26 +172,12 @@ def default_stage_config(stage: str, model_config: DIYConfig | None = None) -> T
     Pretraining teaches the language in many small steps (batch 4) over the documents. Chat tuning
     trains on every dialogue (no held-out split, so every bundled question is learned) with dropout
     off and a strong weight decay, on rows that are conversations of several dialogues
-    (:func:`compose_rows`). Measured on the bundled data (2,960 dialogues) with the default model,
-    by a scratch sweep on one thread with a dev split of rephrasings left out of training, greedy
-    (600 trained questions at turn 1 / 2 / 3; dev rephrasings F1 >= 0.8):
-
-    - AdamW (the recipe before Muon), pretraining 16 epochs, chat 16 epochs at batch 8: 97.5% /
-      97.2% / 98.0%, 60%; chat 11 epochs: 85%; 14 epochs: 94.5% (seed 1: 90.3%).
-    - Muon, pretraining 8 epochs, chat 8 epochs at batch 8: 97.7% / 97.5% / 97.3%, 71% (seed 1:
-      97.7%); pretraining 4 epochs is as good (97.7% / 98.0% / 97.2%, 73%).
-    - Muon, pretraining 4, chat at batch 16: 9 epochs 97.7% / 97.8% / 97.8%, 73%; 10 epochs
-      99.0% / 99.3% / 99.0%, 71% (seed 1: 99.8%, 72%); 12 epochs 99.5%, 69%. At batch 32, 12
-      epochs: 99.2%, 67%. A larger batch costs fewer, larger steps (a Muon step's cost is per
-      step, not per row), and generalises a little less.
-    - The recipe: pretraining 2 epochs, chat 10 at batch 16: 98.7% / 98.0% / 98.5%, 71% (seed 1:
-      98.8% / 98.7% / 98.5%, 73%). It costs half a point against 4 epochs of pretraining and saves
-      58 steps, 6.5 s on a CPU without native bf16, where the 3-minute target was otherwise missed
-      by a hair.
-    - Newton-Schulz with 4 or 3 iterations instead of 5 (chat 8 epochs at batch 8): 96.7%, 94.5%.
-
-    Earlier, with AdamW: weight decay 0.6 beat 0 / 0.1 / 1.0, and a learning rate above 3e-3
-    learned slower.
+    (:func:`compose_rows`). Chosen by a scratch sweep on a dev split of rephrasings left out of
+    training (bench/README.md, "Muon", has the table): Muon reached in 8 + 8 epochs at batch 8 what
+    AdamW reached in 16 + 16 (97.7% against 97.5% of trained questions at turn 1, 71% against 60%
+    of the dev rephrasings); chat batch 16 costs fewer, larger steps (a Muon step's extra cost is
+    per step, not per row); 10 chat epochs leave a margin (98.7%; 9 epochs, after 4 of pretraining: 97.7%); 2 pretraining
+    epochs instead of 4 cost half a point and kept a CPU without native bf16 inside 3 minutes.
     """
     if stage == "pretrain":
         return TrainConfig(epochs=2, batch_size=4, lr=3e-3, min_lr=3e-4, val_fraction=0.05, dropout=0.0,
@@ -435,7 +420,7 @@ def make_optimizers(model: nn.Module, config: TrainConfig, low_precision: torch.
     chosen = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in chosen]
     muon = Muon(matrices, lr=config.muon_lr, weight_decay=config.weight_decay * config.lr / config.muon_lr,
-                ns_dtype=low_precision) if matrices else None
+                ns_dtype=low_precision)
     return make_optimizer(rest, config.lr, config.weight_decay), muon
 
 

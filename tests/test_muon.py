@@ -87,6 +87,9 @@ def test_a_muon_stage_trains_block_matrices_with_muon_and_the_rest_with_adamw(ti
     # Each step shrinks a matrix by the same factor under either optimizer.
     assert muon.param_groups[0]["lr"] * muon.param_groups[0]["weight_decay"] == pytest.approx(3e-3 * 0.6)
     assert make_optimizers(tiny_model, TrainConfig())[1] is None
+    for bad in ({"optimizer": "sgd"}, {"muon_lr": 0}, {"muon_lr": 2.0}):
+        with pytest.raises(ValueError, match="optimizer must|muon_lr must"):
+            TrainConfig(**bad)
 
 
 def test_muon_orthogonalises_in_the_stage_precision(tokenizer):
