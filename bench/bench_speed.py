@@ -21,8 +21,12 @@ checked to give the same logits) are measured side by side in one process:
   of the T x T square, times 3 for the backward);
 * the AdamW implementations (for-loop, foreach, fused) on our model;
 * generation tokens/s at batch 1 (16-token prompt, greedy; 100 new tokens for A, 200 for C), with
-  and without the KV cache (theirs: ``generate(min_new_tokens=n)`` with their default thread count,
-  and with one thread, since ours decodes on one thread; the ratio uses the faster of the two);
+  and without the KV cache. Ours: the app's ``generate``, which decodes with one thread or all
+  (whichever its timed steps show faster) and, where the CPU runs bf16 natively, with bf16 weights
+  (``decode_weight_dtype``). Theirs: ``generate(min_new_tokens=n)`` with their default thread count
+  and with one thread, in fp32 and, where ours decodes in bf16, also with their model cast to
+  bf16; the ratio uses the fastest of theirs. One-token steps are reported against the bandwidth
+  bound of the bytes ours reads;
 * our training step at the app's default dropout (0.1) against dropout 0 (attention dropout
   moves PyTorch's CPU attention off its fused kernel);
 * fp32 and bf16-autocast loss curves of our model over the same steps (a learnable synthetic
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -413,6 +418,7 @@ def matching_prefix(a, b) -> int:
 def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandwidth: float | None = None) -> dict[str, Any]:
     import torch
 
+    from diyapp.decoder import decode_weight_dtype
     from diyapp.generation import generate
 
     new = SHAPES[shape]["new_tokens"]
@@ -421,12 +427,12 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     threads = torch.get_num_threads()
     outputs: dict[str, Any] = {}
 
-    def theirs(n_threads: int) -> Callable[[], None]:
+    def theirs(model, n_threads: int, key: str) -> Callable[[], None]:
         def run() -> None:
             torch.set_num_threads(n_threads)
             try:
-                outputs["theirs"] = hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                                do_sample=False, use_cache=use_cache)
+                outputs[key] = model.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                              do_sample=False, use_cache=use_cache)
             finally:
                 torch.set_num_threads(threads)
         return run
@@ -434,9 +440,15 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     def run_ours() -> None:
         outputs["ours"] = generate(ours, prompt, new, temperature=0, use_cache=use_cache)
 
-    runs = {"ours": run_ours, "theirs": theirs(threads)}
+    runs = {"ours": run_ours, "theirs": theirs(hf, threads, "theirs")}
     if threads > 1:
-        runs["theirs_1_thread"] = theirs(1)
+        runs["theirs_1_thread"] = theirs(hf, 1, "theirs_1_thread")
+    low = decode_weight_dtype(ours) if use_cache else torch.float32
+    if low != torch.float32:  # ours decodes with bf16 weights here: theirs in bf16 too, fairly
+        hf_low = copy.deepcopy(hf).to(low).eval()
+        runs["theirs_bf16"] = theirs(hf_low, threads, "theirs_bf16")
+        if threads > 1:
+            runs["theirs_bf16_1_thread"] = theirs(hf_low, 1, "theirs_bf16_1_thread")
     ours.eval()
     hf.eval()
     load = CpuLoad()
@@ -455,12 +467,25 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
                            "matching_new_tokens": matching_prefix(outputs["ours"], outputs["theirs"]) - PROMPT_LEN,
                            "others_cpu_share": load.stop()}
     if use_cache:  # a one-token step streams every weight once: the bandwidth it reaches
-        weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+        weight_bytes = decoder_weight_bytes(ours)
+        out["ours_decode_weight_dtype"] = str(decode_weight_dtype(ours)).removeprefix("torch.")
+        out["ours_weight_bytes"] = weight_bytes
         out["ours_ms_per_token"] = round(1e3 / rates["ours"], 3)
         out["ours_weight_stream_gb_per_s"] = round(weight_bytes * rates["ours"] / 1e9, 1)
         if bandwidth:
             out["bandwidth_bound_ms_per_token"] = round(weight_bytes / (bandwidth * 1e9) * 1e3, 3)
     return out
+
+
+def decoder_weight_bytes(model) -> int:
+    """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, in the dtype it
+    stores them in (``decode_weight_dtype``: bf16 where the CPU runs it natively), and one row of the
+    embedding."""
+    from diyapp.decoder import decode_weight_dtype
+
+    decoder = model.decoder(decode_weight_dtype(model))
+    matrices = [w for layer in decoder.layers for w in layer] + [decoder.head]
+    return sum(w.numel() * w.element_size() for w in matrices) + decoder.embed[0].numel() * decoder.embed.element_size()
 
 
 def memory_bandwidth(mib: int = 256, reps: int = 5) -> dict[str, Any]:
@@ -689,7 +714,8 @@ def build_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             target = TARGETS.get((shape, "gen_cached_vs_hf")) if key == "generation_cached" else None
             if key == "generation_cached" and "bandwidth_bound_ms_per_token" in gen:
-                rows.append({"what": f"{shape} ours decode ms/token vs bandwidth bound", "ours": gen["ours_ms_per_token"],
+                rows.append({"what": f"{shape} ours decode ms/token vs bandwidth bound ({gen['ours_decode_weight_dtype']})",
+                             "ours": gen["ours_ms_per_token"],
                              "theirs": gen["bandwidth_bound_ms_per_token"], "ratio": None, "target": "",
                              "verdict": f"{gen['bandwidth_bound_ms_per_token'] / gen['ours_ms_per_token']:.0%} of the limit"})
             rows.append({"what": f"{shape} generate tok/s {label} (b1, {gen['new_tokens']} new)",
@@ -804,8 +830,9 @@ def main() -> int:
                                 "the tied head included), L layers, T sequence length, H*Dh attention width",
         "mfu": "train_flops_per_step / median step seconds / measured matmul peak of that precision",
         "tokens_per_s_generation": "new tokens / median wall seconds of the whole generate call (prompt included)",
-        "bandwidth_bound_ms_per_token": "bytes of every weight / measured read bandwidth of all threads (a decode step "
-                                        "reads each weight once; the fp32 weights ours decodes with)",
+        "bandwidth_bound_ms_per_token": "bytes of the matrices ours decodes with (in its decode weight dtype: bf16 "
+                                        "where the CPU runs it natively) / measured read bandwidth of all threads "
+                                        "(a decode step reads each weight once)",
     }
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

@@ -14,7 +14,9 @@ tokenizer, pretrains, chat-tunes (the app's default recipe, ``default_stage_conf
   checks that none of them is a training question), counting a hit when the answer's characters
   match the trained answer with F1 >= 0.8, punctuation ignored (exact matches reported too);
 - every bundled question and every rephrasing once more at the chat's default sampling settings,
-  counting replies with U+FFFD and replies that ran to the token limit.
+  counting replies with U+FFFD and replies that ran to the token limit;
+- where the app decodes with bf16 weights (a CPU with native bf16, ``decode_weight_dtype``), turn 1
+  and the rephrasings again with fp32 weights: their hits, and whether the misses are the same.
 
 Targets: turn 1 >= 97%, turns 2 and 3 >= 95%, rephrasings >= 60%, no U+FFFD, at most 1% at the
 limit, both stages within 3 minutes on 2 cores (90 s where the CPU has native bf16).
@@ -83,6 +85,7 @@ def sampled_replies(model, tokenizer, questions: list[str]) -> dict:
         at_limit += reply.stop == "limit"
         looped += reply.stop == "loop"
     return {"replies": len(questions), "with_U+FFFD": broken, "ran_to_limit": at_limit, "loop_stopped": looped}
+from diyapp.decoder import decode_weight_dtype  # noqa: E402
 from diyapp.device import cpu_supports_bf16, pick_device  # noqa: E402
 from diyapp.train import (Trainer, TrainConfig, build_tokenizer, default_stage_config,  # noqa: E402
                           new_model)
@@ -124,6 +127,15 @@ def recipe(seed: int) -> dict:
     rephrased = heldout_pairs(corpus)
     held = answer_hit_rate(model, tokenizer, rephrased)
     sampled = sampled_replies(model, tokenizer, [q for q, _ in pairs] + [q for q, _ in rephrased])
+    decode_dtype = decode_weight_dtype(model)
+    reference = None
+    if decode_dtype != torch.float32:  # the app decoded in bf16 above: the same questions with fp32 weights
+        fp32_turn1 = answer_hit_rate(model, tokenizer, pairs, precision="fp32")
+        fp32_held = answer_hit_rate(model, tokenizer, rephrased, precision="fp32")
+        reference = {"turn_1_hits": fp32_turn1.hits, "heldout_f1_hits": fp32_held.close,
+                     "heldout_exact": fp32_held.hits,
+                     "same_turn_1_misses": fp32_turn1.misses == report.misses,
+                     "same_heldout_misses": fp32_held.misses == held.misses}
     met = (report.rate >= 0.97 and min(turns[2].rate, turns[3].rate) >= 0.95 and held.close_rate >= 0.6
            and sampled["with_U+FFFD"] == 0 and sampled["ran_to_limit"] <= 0.01 * sampled["replies"])
     return {
@@ -139,6 +151,8 @@ def recipe(seed: int) -> dict:
         "heldout": {"questions": held.total, "f1_hits": held.close, "f1_rate": round(held.close_rate, 4),
                     "exact": held.hits, "exact_rate": round(held.rate, 4)},
         "sampled": sampled,
+        "decode_weight_dtype": str(decode_dtype).removeprefix("torch."),
+        "fp32_decoding": reference,
         "eval_seconds": round(time.perf_counter() - eval_started, 1),
         "sample_misses": [{"question": q, "expected": a, "got": g} for q, a, g in report.misses[:5]],
         "sample_heldout_misses": [{"question": q, "expected": a, "got": g} for q, a, g in held.misses[:8]],
@@ -213,6 +227,11 @@ def main() -> int:
         print(f"  sampled at default settings: {x['replies']} replies, {x['with_U+FFFD']} with U+FFFD (target 0), "
               f"{x['ran_to_limit']} at the token limit (target <= 1%), {x['loop_stopped']} stopped as loops"
               f"  [eval {r['eval_seconds']} s]")
+        f = r["fp32_decoding"]
+        print(f"  decoding weights: {r['decode_weight_dtype']}" + ("" if f is None else
+              f"; with fp32 weights instead: turn 1 {f['turn_1_hits']}/{r['questions']} exact, held-out "
+              f"{f['heldout_f1_hits']} F1 / {f['heldout_exact']} exact, the same misses: turn 1 "
+              f"{f['same_turn_1_misses']}, held-out {f['same_heldout_misses']}"))
         for miss in r["sample_misses"]:
             print(f"    miss: {miss['question']} -> {miss['got']!r} (expected {miss['expected']!r})")
         for miss in r["sample_heldout_misses"]:

@@ -153,14 +153,14 @@ def char_f1(got: str, expected: str) -> float:
 @torch.inference_mode()
 def answer_hit_rate(model: DIYForCausalLM, tokenizer: DIYTokenizer, pairs: Sequence[tuple[str, str]],
                     batch_size: int = 64, histories: Sequence[Sequence[dict]] | None = None,
-                    f1_threshold: float = 0.8) -> AnswerReport:
+                    f1_threshold: float = 0.8, precision: str = "auto") -> AnswerReport:
     """Greedy answers to each question compared with the expected answer: exact (whitespace
     ignored) and close (:func:`char_f1` at least ``f1_threshold``).
 
     ``histories[i]``, when given, are earlier messages of question i's conversation; its prompt
     is then built as the chat builds it (:func:`build_prompt`, the same answer budget), so the
     oldest exchanges are dropped when the context is full. Prompts of the same length are
-    decoded together in one batch.
+    decoded together in one batch. ``precision`` is generate's decoding-weight precision.
     """
     max_len = model.config.max_seq_len
     budget = answer_budget(GenerationConfig(), max_len)
@@ -180,7 +180,7 @@ def answer_hit_rate(model: DIYForCausalLM, tokenizer: DIYTokenizer, pairs: Seque
                 continue
             prompt = torch.tensor([ids for ids, _, _ in chunk])
             out = generate(model, prompt, max_len - length, temperature=0.0, eos_token_id=tokenizer.im_end_id,
-                           guard=guard, stop_loops=True)
+                           guard=guard, stop_loops=True, precision=precision)
             for row, (_, question, answer) in zip(out[:, length:].tolist(), chunk):
                 if tokenizer.im_end_id in row:
                     row = row[:row.index(tokenizer.im_end_id)]

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .decoder import decode_weight_dtype
 from .model import DIYForCausalLM
 
 
@@ -262,11 +263,12 @@ class ThreadPicker:
 _PICKERS: dict[tuple, ThreadPicker] = {}
 
 
-def thread_picker(model: DIYForCausalLM, threads: int) -> ThreadPicker:
+def thread_picker(model: DIYForCausalLM, threads: int, weight_dtype: torch.dtype) -> ThreadPicker:
     """The process's :class:`ThreadPicker` for one-row decoding of models shaped like ``model``
-    with up to ``threads`` threads (kept across calls: the machine, not the reply, decides)."""
+    with weights in ``weight_dtype`` and up to ``threads`` threads (kept across calls: the machine,
+    not the reply, decides)."""
     c = model.config
-    key = (c.hidden_size, c.num_layers, c.intermediate_size, c.vocab_size, threads)
+    key = (c.hidden_size, c.num_layers, c.intermediate_size, c.vocab_size, weight_dtype, threads)
     if key not in _PICKERS:
         _PICKERS[key] = ThreadPicker([1, threads] if threads > 1 else [1])
     return _PICKERS[key]
@@ -291,7 +293,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, eos_token_id: int | None = None, use_cache: bool = True,
              seed: int | None = None, on_token: Callable[[int], Any] | None = None,
-             guard: Utf8Guard | None = None, stop_loops: bool = False) -> Tensor:
+             guard: Utf8Guard | None = None, stop_loops: bool = False, precision: str = "auto") -> Tensor:
     """Continue ``input_ids`` by up to ``max_new_tokens`` tokens; returns prompt + new tokens.
 
     ``input_ids``: ``(batch, seq)`` long tensor (rows of equal length) or a list of ids (batch 1).
@@ -307,8 +309,13 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
     characters. ``stop_loops`` ends a row whose new tokens fall into a repetition loop (see
     :func:`looping`): a row of one stops there (shorter than ``max_new_tokens``, without
     ``eos_token_id``); in a batch it is finished and padded like a row that produced the EOS.
+
+    ``precision`` is the one-token steps' weight precision (:func:`decode_weight_dtype`): "auto"
+    (bf16 where the CPU runs it natively), "bf16", or "fp32" (the model's own weights, whose greedy
+    output equals the ``use_cache=False`` path's).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    weight_dtype = decode_weight_dtype(model, precision)
     device = model.lm_head.weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
     if ids.dim() == 1:
@@ -339,7 +346,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
     # One new token of one row: one thread or all, whichever runs faster on the machine now
     # (ThreadPicker). Prompt (re)fills and batches keep all threads.
     threads = torch.get_num_threads()
-    picker = thread_picker(model, threads) if batch == 1 and device.type == "cpu" else None
+    picker = thread_picker(model, threads, weight_dtype) if batch == 1 and device.type == "cpu" else None
     try:
         total, start, cache = prompt_len, 0, None
         decode = None  # model.decoder(), fetched once: the weights cannot change while we decode
@@ -356,7 +363,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
                 logits = model.lm_head(hidden[:, -1])
             else:  # one new token: the lean path, same numbers as model(...) up to rounding
                 if decode is None:
-                    decode = model.decoder()
+                    decode = model.decoder(weight_dtype)
                 if picker is None:
                     logits, cache = decode(seq[:, total - 1:total], cache)
                 else:

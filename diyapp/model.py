@@ -286,22 +286,24 @@ class DIYForCausalLM(nn.Module):
         """
         return self.decoder()(input_ids, past_key_values)
 
-    def decoder(self) -> "Decoder":
+    def decoder(self, dtype: torch.dtype | None = None) -> "Decoder":
         """A :class:`Decoder` (the one-token step of :meth:`decode_step`) bound to the current weights.
 
         Its weights are transposed copies with the RMSNorm scales folded in, which a one-token
-        product reads about twice as fast on CPU. They are built on first use and kept on the
-        module until a parameter changes (in place, moved or replaced), so get a new decoder after
-        training; this costs one pass over the weights only when something changed.
+        product reads about twice as fast on CPU, stored in ``dtype`` (default: the model's own;
+        :func:`~diyapp.decoder.decode_weight_dtype` says when bf16 is faster). They are built on
+        first use and kept on the module until a parameter changes (in place, moved or replaced)
+        or another ``dtype`` is asked for, so get a new decoder after training; this costs one pass
+        over the weights only when something changed.
         """
         params = list(self.parameters())
         try:
-            key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            key = (dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         except RuntimeError:  # inference tensors keep no version counter: rebuild every time
             key = None
         cached = self.__dict__.get("_decoder")
         if key is None or cached is None or cached[0] != key:
-            cached = (key, Decoder(self))
+            cached = (key, Decoder(self, dtype))
             self.__dict__["_decoder"] = cached  # a plain attribute: not a buffer, never saved
         return cached[1]
 

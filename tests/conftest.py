@@ -41,6 +41,15 @@ def tiny_model(tiny_config):
     return DIYForCausalLM(tiny_config).eval()
 
 
+@pytest.fixture
+def pack_every_matrix(monkeypatch):
+    """A bf16 decoder packs every matrix of a tiny model, as it does a model larger than the CPU's
+    cache (a tiny model's matrices are all below the size packed otherwise)."""
+    from diyapp import decoder
+
+    monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 0)
+
+
 #: A few sentences to train small tokenizers on (Chinese, and ASCII for the byte paths).
 SMALL_TEXTS = ["春天来了，花儿开了，小草也绿了。", "夏天很热，我们常去河边游泳。", "秋天的树叶变黄，慢慢落下来。",
                "冬天下雪，孩子们在外面堆雪人。", "Hello world, it's a small test: 123 + 456 = 579."] * 3

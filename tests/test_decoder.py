@@ -1,4 +1,5 @@
-"""The one-token Decoder with weights stored in bf16 against the same decoder in fp32."""
+"""The one-token Decoder with weights stored in bf16 against the same decoder in fp32, and when
+generate decodes with bf16 weights."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import dataclasses
 import pytest
 import torch
 
-from diyapp import DIYForCausalLM
-from diyapp.decoder import Decoder
+from diyapp import DIYForCausalLM, decoder, generate
+from diyapp.decoder import Decoder, decode_weight_dtype, packed_bf16_available
+from diyapp.device import cpu_supports_bf16
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch):
+def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch, pack_every_matrix):
     torch.manual_seed(6)
     model = DIYForCausalLM(dataclasses.replace(tiny_config, num_kv_heads=1)).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (batch, 8))
@@ -27,3 +29,87 @@ def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch):
     # bf16 keeps 8 significant bits: logits within 2% of their range
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     assert not torch.equal(got, expected)  # the weights really are rounded
+
+
+def test_packed_bf16_weights_are_used_where_available(tiny_model, pack_every_matrix):
+    """oneDNN's packed layout where this PyTorch has it (it computes F.linear's numbers), else
+    plain bf16 (out, in) matrices; fp32 weights are never packed."""
+    low = Decoder(tiny_model, torch.bfloat16)
+    assert low.packed is packed_bf16_available()
+    assert Decoder(tiny_model).packed is False
+    if low.packed:
+        assert low.head.layout == torch._mkldnn
+    else:
+        assert low.head.shape == tiny_model.lm_head.weight.shape
+
+
+def test_small_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypatch):
+    """Below PACK_MIN_ELEMENTS, and with all matrices in the cache, a matrix is kept as in fp32
+    (oneDNN's call costs more than it saves); a large one is packed all the same."""
+    if not packed_bf16_available():
+        pytest.skip("this PyTorch has no packed bf16 product")
+    monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 32 << 20)
+    low = Decoder(tiny_model, torch.bfloat16)
+    assert low.head.dtype == torch.float32 and low.head.shape == tiny_model.lm_head.weight.t().shape
+    monkeypatch.setattr(decoder, "PACK_MIN_ELEMENTS", tiny_model.lm_head.weight.numel())
+    low = Decoder(tiny_model, torch.bfloat16)
+    assert low.head.layout == torch._mkldnn
+    stored = [w for layer in low.layers for w in layer]
+    assert {w.is_mkldnn for w in stored} == {True, False}  # both kinds in one decoder
+    assert all(w.is_mkldnn == (w.numel() >= decoder.PACK_MIN_ELEMENTS) for w in stored)
+    with torch.inference_mode():
+        _, cache = tiny_model(torch.tensor([[3, 4]]), use_cache=True)
+        got, _ = low(torch.tensor([[5]]), cache)
+        _, cache = tiny_model(torch.tensor([[3, 4]]), use_cache=True)
+        expected, _ = Decoder(tiny_model)(torch.tensor([[5]]), cache)
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert decoder.packs(10, (32 << 20) + 1)  # all larger than the cache: packed whatever its size
+
+
+@pytest.fixture
+def fresh_detection():
+    cpu_supports_bf16.cache_clear()
+    yield
+    cpu_supports_bf16.cache_clear()
+
+
+def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection):
+    assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
+    assert decode_weight_dtype(tiny_model, "bf16") is torch.bfloat16
+    native = cpu_supports_bf16() and packed_bf16_available()
+    assert decode_weight_dtype(tiny_model, "auto") is (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv("DIYAPP_CPU_BF16", "0")
+    cpu_supports_bf16.cache_clear()
+    assert decode_weight_dtype(tiny_model, "auto") is torch.float32
+    assert decode_weight_dtype(tiny_model.to(torch.bfloat16), "auto") is torch.bfloat16  # its own dtype
+    with pytest.raises(ValueError, match="precision"):
+        decode_weight_dtype(tiny_model, "fp16")
+
+
+def _trained_on_a_rule(config, steps=150):
+    """A tiny model trained until it predicts the rule next = (7 * token + 3) mod vocab confidently."""
+    torch.manual_seed(1)
+    model = DIYForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    vocab = config.vocab_size
+    for _ in range(steps):
+        ids = torch.empty(16, 24, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, vocab, (16,))
+        for t in range(1, 24):
+            ids[:, t] = (7 * ids[:, t - 1] + 3) % vocab
+        optimizer.zero_grad()
+        model.compute_loss(ids).backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_bf16_decoding_gives_a_trained_models_greedy_tokens(tiny_config, pack_every_matrix):
+    """Where the model is sure of the next token (trained on a rule), bf16 decoding weights change
+    no greedy token: the same 40 tokens as fp32, and they follow the rule."""
+    model = _trained_on_a_rule(tiny_config)
+    prompt = torch.tensor([[5, 38]])
+    fp32 = generate(model, prompt, 40, temperature=0, precision="fp32")
+    bf16 = generate(model, prompt, 40, temperature=0, precision="bf16")
+    rule = [(7 * a + 3) % tiny_config.vocab_size for a in fp32[0, 1:-1].tolist()]
+    assert sum(a == b for a, b in zip(rule, fp32[0, 2:].tolist())) >= 36  # learned: confident tokens
+    assert torch.equal(bf16, fp32)

@@ -245,7 +245,7 @@ def _llama(path, n_ctx=160):
 def _greedy_ours(model, prompt, n):
     from diyapp.generation import generate
 
-    return generate(model, prompt, max_new_tokens=n, temperature=0.0)[0, len(prompt):].tolist()
+    return generate(model, prompt, max_new_tokens=n, temperature=0.0, precision="fp32")[0, len(prompt):].tolist()
 
 
 @needs_llama
