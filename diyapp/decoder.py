@@ -62,7 +62,7 @@ def packs(numel: int, total_fp32_bytes: int) -> bool:
     """Whether a bf16 decoder packs a matrix of ``numel`` elements, its model's matrices being
     ``total_fp32_bytes`` in float32: every matrix when they do not all fit in the last-level cache
     (each is then read from memory at every step, and half the bytes is nearly half the time; the
-    large preset: 6.2 -> 2.3 ms a step), else only the large ones (the default model, whose 13 MB
+    large preset: 6.2 -> 2.3-2.6 ms a step), else only the large ones (the default model, whose 13 MB
     stay in a 32 MB cache: packing all 0.34 -> 0.34 ms, only the head 0.27 ms)."""
     return numel >= PACK_MIN_ELEMENTS or total_fp32_bytes > last_level_cache_bytes()
 
