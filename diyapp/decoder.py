@@ -45,11 +45,14 @@ def _packed_linear(a: Tensor, packed: Tensor) -> Tensor:
 PACK_MIN_ELEMENTS = 1 << 20
 
 
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
 @functools.lru_cache(maxsize=None)
-def last_level_cache_bytes() -> int:
+def last_level_cache_bytes(caches: Path = CPU_CACHES) -> int:
     """Size of the CPU's largest cache, from sysfs (32 MiB where it cannot be read)."""
     sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for path in caches.glob("index*/size"):
         try:
             text = path.read_text().strip().upper()
             sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))

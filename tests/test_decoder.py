@@ -113,3 +113,14 @@ def test_bf16_decoding_gives_a_trained_models_greedy_tokens(tiny_config, pack_ev
     rule = [(7 * a + 3) % tiny_config.vocab_size for a in fp32[0, 1:-1].tolist()]
     assert sum(a == b for a, b in zip(rule, fp32[0, 2:].tolist())) >= 36  # learned: confident tokens
     assert torch.equal(bf16, fp32)
+
+
+def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "16384K\n"), ("index4", "n/a")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size)
+    assert decoder.last_level_cache_bytes(tmp_path) == 16 << 20
+    assert decoder.last_level_cache_bytes(tmp_path / "missing") == 32 << 20  # the stated default
+    (tmp_path / "index3" / "size").write_text("96M")
+    decoder.last_level_cache_bytes.cache_clear()
+    assert decoder.last_level_cache_bytes(tmp_path) == 96 << 20
