@@ -14,7 +14,9 @@ checked to give the same logits) are measured side by side in one process:
 * training tokens/s: one step = forward + loss + backward + AdamW step (ours ``compute_loss``,
   theirs ``forward(labels=...)``; the same ``torch.optim.AdamW(fused=True)`` for both), in fp32 and
   in our default precision (``diyapp.device.autocast_dtype(cpu, "auto")``); MFU against the matmul
-  peak measured here for that precision. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
+  peak measured here for that precision. The bf16 rows run after every other part, under the C
+  allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
+  process cannot undo; the fp32 rows run without it, as the app's fp32 training does. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
   with N = weights of every matrix product (q/k/v, o, gate/up, down, and the head), L layers, T the
   sequence length, H * Dh the attention width: 6·N per token for the matrix products forward and
   backward, and the causal attention score and value products (2·T·H·Dh forward per token, half
@@ -259,9 +261,11 @@ def med(xs: list[float]) -> float:
 # Parts
 
 
-def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dtype, native_bf16: bool) -> dict[str, Any]:
-    """Training steps of ours and theirs, alternating, in fp32 and (where native) in bf16 autocast:
-    every ratio is at equal precision. ``default`` names which of the two rows the app trains with."""
+def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dtype, native_bf16: bool,
+             labels: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
+    """Training steps of ours and theirs, alternating, in fp32 and (where native) in bf16 autocast
+    (the rows in ``labels``): every ratio is at equal precision. ``default`` names which of the two
+    rows the app trains with."""
     import torch
 
     batch = SHAPES[shape]["batch"]
@@ -271,8 +275,8 @@ def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dty
     flops = tokens * train_flops_per_token(config, matmul_weights(ours))
     out: dict[str, Any] = {"batch": f"{batch}x{seq}", "tokens_per_step": tokens, "flops_per_step": flops,
                            "optimizer": "torch.optim.AdamW(fused=True) for both"}
-    precisions = [("fp32", None)]
-    if native_bf16:  # emulated bf16 (AVX2) runs ~100x slower than fp32: nothing to learn from timing it
+    precisions = [("fp32", None)] if "fp32" in labels else []
+    if native_bf16 and "bf16" in labels:  # emulated bf16 (AVX2) runs ~100x slower than fp32: nothing to learn
         precisions.append(("bf16", torch.bfloat16))
     for label, dtype in precisions:
         load = CpuLoad()
@@ -291,9 +295,32 @@ def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dty
         del o_opt, h_opt
     out["default"] = {"precision": precision_label(default_dtype),
                       "why": "autocast_dtype('cpu', 'auto'): bf16 where the CPU runs it natively, else fp32"}
-    if not native_bf16:
+    if not native_bf16 and "bf16" in labels:
         out["bf16"] = {"skipped": "no native bf16 on this CPU (emulated bf16 is ~100x slower than fp32)"}
     return out
+
+
+def bf16_training_as_the_app(shapes: list[str], quick: bool, result: dict, default_dtype) -> None:
+    """The bf16 training rows of every shape, after everything else: with the C allocator policy the
+    app's bf16 Trainer sets (``diyapp.allocator.keep_freed_memory``: freed activations stay in the
+    heap, no page faults at every step), which lasts until the process ends, so the fp32 rows ran
+    without it, as the app's fp32 training does. Ours and theirs both run under it."""
+    from diyapp.allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    for shape in shapes:
+        tr = result["shapes"][shape].get("training")
+        if tr is None:
+            continue
+        config, ours, hf, _ = build_pair(shape)
+        big = shape == "C"
+        rounds = (1 if big else 4) if quick else (3 if big else 8)
+        print(f"[{shape}] training in bf16 (the app's allocator policy: {applied}), {rounds} rounds ...", flush=True)
+        row = training(shape, ours, hf, config, rounds, result["peaks"], default_dtype, True, labels=("bf16",))
+        tr["bf16"] = {**row["bf16"], "allocator_policy": applied}
+        print(f"[{shape}]   bf16 tok/s ours {tr['bf16']['ours']['tokens_per_s']:.0f} theirs "
+              f"{tr['bf16']['theirs']['tokens_per_s']:.0f} ({tr['bf16']['ratio']:.2f}x)", flush=True)
+        del ours, hf
 
 
 def precision_label(dtype) -> str:
@@ -863,7 +890,7 @@ def main() -> int:
             rounds = (1 if big else 4) if args.quick else (3 if big else 8)
             print(f"[{shape}] training, {rounds} rounds ...", flush=True)
             part["training"] = tr = training(shape, ours, hf, config, rounds, result["peaks"], default_dtype,
-                                             m["native_bf16"])
+                                             m["native_bf16"], labels=("fp32",) if m["native_bf16"] else ("fp32", "bf16"))
             print(f"[{shape}]   fp32 tok/s ours {tr['fp32']['ours']['tokens_per_s']:.0f} theirs "
                   f"{tr['fp32']['theirs']['tokens_per_s']:.0f} ({tr['fp32']['ratio']:.2f}x)", flush=True)
         if "optim" not in skip and not (args.quick and big):
@@ -876,6 +903,9 @@ def main() -> int:
             print(f"[{shape}] dropout cost ...", flush=True)
             part["dropout"] = dropout_cost(shape, ours, config, rounds=4)
         del ours, hf
+
+    if "train" not in skip and m["native_bf16"]:
+        bf16_training_as_the_app(shapes, args.quick, result, default_dtype)
 
     if "curve" not in skip and "A" in shapes:
         native = m["native_bf16"]
