@@ -14,8 +14,8 @@ checked to give the same logits) are measured side by side in one process:
 * training tokens/s: one step = forward + loss + backward + AdamW step (ours ``compute_loss``,
   theirs ``forward(labels=...)``; the same ``torch.optim.AdamW(fused=True)`` for both), in fp32 and
   in our default precision (``diyapp.device.autocast_dtype(cpu, "auto")``); MFU against the matmul
-  peak measured here for that precision. The bf16 rows run after every other part, under the C
-  allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
+  peak measured here for that precision. The bf16 rows run in a fresh process per shape under the
+  C allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
   process cannot undo; the fp32 rows run without it, as the app's fp32 training does. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
   with N = weights of every matrix product (q/k/v, o, gate/up, down, and the head), L layers, T the
   sequence length, H * Dh the attention width: 6·N per token for the matrix products forward and
@@ -300,27 +300,47 @@ def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dty
     return out
 
 
-def bf16_training_as_the_app(shapes: list[str], quick: bool, result: dict, default_dtype) -> None:
-    """The bf16 training rows of every shape, after everything else: with the C allocator policy the
-    app's bf16 Trainer sets (``diyapp.allocator.keep_freed_memory``: freed activations stay in the
-    heap, no page faults at every step), which lasts until the process ends, so the fp32 rows ran
-    without it, as the app's fp32 training does. Ours and theirs both run under it."""
-    from diyapp.allocator import keep_freed_memory
-
-    applied = keep_freed_memory()
+def bf16_training_as_the_app(shapes: list[str], quick: bool, threads: int | None, result: dict) -> None:
+    """The bf16 training rows of every shape, each in a fresh process (``--bf16-training-child``)
+    that sets the C allocator policy first, as the app's bf16 Trainer does
+    (``diyapp.allocator.keep_freed_memory``: freed activations stay in the heap, no page faults at
+    every step). The policy lasts until a process ends, and a heap shaped by earlier parts changes
+    what the next ones measure, hence a process each; ours and theirs both run under it. The MFU is
+    computed by the caller against this process's peak."""
     for shape in shapes:
         tr = result["shapes"][shape].get("training")
         if tr is None:
             continue
-        config, ours, hf, _ = build_pair(shape)
-        big = shape == "C"
-        rounds = (1 if big else 4) if quick else (3 if big else 8)
-        print(f"[{shape}] training in bf16 (the app's allocator policy: {applied}), {rounds} rounds ...", flush=True)
-        row = training(shape, ours, hf, config, rounds, result["peaks"], default_dtype, True, labels=("bf16",))
-        tr["bf16"] = {**row["bf16"], "allocator_policy": applied}
+        print(f"[{shape}] training in bf16, in a process with the app's allocator policy ...", flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--bf16-training-child", shape]
+        command += ["--quick"] if quick else []
+        command += ["--threads", str(threads)] if threads else []
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tr["bf16"] = {"failed": done.stderr.strip().splitlines()[-1:] or ["no output"]}
+            print(f"[{shape}]   bf16 training failed: {tr['bf16']['failed']}", flush=True)
+            continue
+        tr["bf16"] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"[{shape}]   bf16 tok/s ours {tr['bf16']['ours']['tokens_per_s']:.0f} theirs "
               f"{tr['bf16']['theirs']['tokens_per_s']:.0f} ({tr['bf16']['ratio']:.2f}x)", flush=True)
-        del ours, hf
+
+
+def bf16_training_child(shape: str, quick: bool) -> int:
+    """One shape's bf16 training row under the app's allocator policy, printed as JSON."""
+    import torch
+
+    from diyapp.allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    config, ours, hf, _ = build_pair(shape)
+    big = shape == "C"
+    rounds = (1 if big else 4) if quick else (3 if big else 8)
+    no_peak = {"bf16": {"peak_gflops": float("nan")}}  # the caller's peak gives the MFU
+    row = training(shape, ours, hf, config, rounds, no_peak, torch.bfloat16, True, labels=("bf16",))["bf16"]
+    for who in ("ours", "theirs"):
+        row[who].pop("mfu", None)
+    print(json.dumps({**row, "allocator_policy": applied, "rounds": rounds}))
+    return 0
 
 
 def precision_label(dtype) -> str:
@@ -732,9 +752,10 @@ def build_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                              "ratio": None, "target": f">= {mfu_target:.0%}" if mfu_target else "",
                              "verdict": verdict(row["ours"]["mfu"], mfu_target) if mfu_target else ""})
             default = tr["default"]["precision"]
-            rows.append({"what": f"{shape} train tok/s DEFAULT precision (= {default}), ours", "ours":
-                         tr[default]["ours"]["tokens_per_s"], "theirs": None, "ratio": None,
-                         "target": "", "verdict": "(the app's precision='auto')"})
+            if "ours" in tr[default]:
+                rows.append({"what": f"{shape} train tok/s DEFAULT precision (= {default}), ours", "ours":
+                             tr[default]["ours"]["tokens_per_s"], "theirs": None, "ratio": None,
+                             "target": "", "verdict": "(the app's precision='auto')"})
         for key, label in (("generation_cached", "cached"), ("generation_no_cache", "no cache")):
             gen = part.get(key)
             if not gen:
@@ -822,7 +843,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for everything (default: PyTorch's); on a machine others share, "
                              "1 thread is the least disturbed")
+    parser.add_argument("--bf16-training-child", metavar="SHAPE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bf16_training_child:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return bf16_training_child(args.bf16_training_child, args.quick)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     started = time.perf_counter()
     run_load = CpuLoad()
@@ -905,7 +933,7 @@ def main() -> int:
         del ours, hf
 
     if "train" not in skip and m["native_bf16"]:
-        bf16_training_as_the_app(shapes, args.quick, result, default_dtype)
+        bf16_training_as_the_app(shapes, args.quick, args.threads, result)
 
     if "curve" not in skip and "A" in shapes:
         native = m["native_bf16"]
