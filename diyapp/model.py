@@ -296,6 +296,7 @@ class DIYForCausalLM(nn.Module):
         or another ``dtype`` is asked for, so get a new decoder after training; this costs one pass
         over the weights only when something changed.
         """
+        dtype = dtype or self.lm_head.weight.dtype  # decoder() and decoder(own dtype) are one decoder
         params = list(self.parameters())
         try:
             key = (dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params))

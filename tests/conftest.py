@@ -42,6 +42,16 @@ def tiny_model(tiny_config):
 
 
 @pytest.fixture
+def fresh_detection():
+    """The CPU's bf16 detection asked again inside the test and after it (it is cached)."""
+    from diyapp.device import cpu_supports_bf16
+
+    cpu_supports_bf16.cache_clear()
+    yield
+    cpu_supports_bf16.cache_clear()
+
+
+@pytest.fixture
 def pack_every_matrix(monkeypatch):
     """A bf16 decoder packs every matrix of a tiny model, as it does a model larger than the CPU's
     cache (a tiny model's matrices are all below the size packed otherwise)."""

@@ -66,13 +66,6 @@ def test_small_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypat
     assert decoder.packs(10, (32 << 20) + 1)  # all larger than the cache: packed whatever its size
 
 
-@pytest.fixture
-def fresh_detection():
-    cpu_supports_bf16.cache_clear()
-    yield
-    cpu_supports_bf16.cache_clear()
-
-
 def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection):
     assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
     assert decode_weight_dtype(tiny_model, "bf16") is torch.bfloat16
@@ -124,3 +117,14 @@ def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
     (tmp_path / "index3" / "size").write_text("96M")
     decoder.last_level_cache_bytes.cache_clear()
     assert decoder.last_level_cache_bytes(tmp_path) == 96 << 20
+
+
+def test_the_kept_decoder_follows_the_asked_dtype(tiny_model):
+    """decoder() and decoder(the model's dtype) are the same kept decoder; another dtype builds
+    a decoder of that dtype (and asking for the first again rebuilds it)."""
+    own = tiny_model.decoder()
+    assert tiny_model.decoder(torch.float32) is own
+    low = tiny_model.decoder(torch.bfloat16)
+    assert low is not own and low.weight_dtype is torch.bfloat16
+    assert tiny_model.decoder(torch.bfloat16) is low
+    assert tiny_model.decoder().weight_dtype is torch.float32

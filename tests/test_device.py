@@ -7,13 +7,6 @@ from diyapp.device import autocast_dtype, cpu_supports_bf16
 from diyapp.train import TrainConfig, make_optimizers
 
 
-@pytest.fixture
-def fresh_detection():
-    cpu_supports_bf16.cache_clear()
-    yield
-    cpu_supports_bf16.cache_clear()
-
-
 def test_diyapp_cpu_bf16_0_runs_everything_in_float32(monkeypatch, fresh_detection, tiny_model):
     monkeypatch.setenv("DIYAPP_CPU_BF16", "0")
     assert cpu_supports_bf16() is False
