@@ -77,7 +77,7 @@ def packed_bf16_available() -> bool:
         weight = torch.arange(12.0).reshape(3, 4).bfloat16()
         a = torch.ones(1, 4, dtype=torch.bfloat16)
         return bool(torch.equal(_packed_linear(a, _pack_bf16(weight)), F.linear(a, weight)))
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError):  # absent, not built with oneDNN, or changed
         return False
 
 
