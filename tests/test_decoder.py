@@ -128,3 +128,20 @@ def test_the_kept_decoder_follows_the_asked_dtype(tiny_model):
     assert low is not own and low.weight_dtype is torch.bfloat16
     assert tiny_model.decoder(torch.bfloat16) is low
     assert tiny_model.decoder().weight_dtype is torch.float32
+
+
+def test_without_the_packed_product_auto_decodes_in_the_models_dtype(tiny_model, monkeypatch):
+    """A PyTorch without oneDNN's packed bf16 product (absent, or its signature changed): no packed
+    product, "auto" keeps fp32, and an explicit bf16 decoder stores plain bf16 matrices."""
+    def missing(*args):
+        raise TypeError("no such op")
+
+    monkeypatch.setattr(decoder, "_pack_bf16", missing)
+    decoder.packed_bf16_available.cache_clear()
+    try:
+        assert decoder.packed_bf16_available() is False
+        assert decode_weight_dtype(tiny_model, "auto") is torch.float32
+        low = Decoder(tiny_model, torch.bfloat16)
+        assert low.packed is False and low.head.dtype == torch.bfloat16
+    finally:
+        decoder.packed_bf16_available.cache_clear()
