@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .device import cpu_supports_bf16
+from .device import autocast_dtype
 
 LayerCache = tuple[dict[str, Tensor], int]
 KVCache = list[LayerCache]
@@ -89,16 +89,13 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     product; ``DIYAPP_CPU_BF16=0`` turns it off), else the model's own dtype. Where bf16 is emulated
     it is many times slower, and on a GPU the products are too small for the bytes to matter.
     """
-    own = model.lm_head.weight.dtype
-    if precision == "fp32":
+    own, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    # The CPU's answer, as for training (autocast_dtype checks the name); "auto" also needs a float32
+    # model on a CPU and the packed product.
+    low = autocast_dtype("cpu", precision)
+    if precision == "auto" and not (device.type == "cpu" and own == torch.float32 and packed_bf16_available()):
         return own
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision != "auto":
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    native = (model.lm_head.weight.device.type == "cpu" and own == torch.float32 and cpu_supports_bf16()
-              and packed_bf16_available())
-    return torch.bfloat16 if native else own
+    return low or own
 
 
 class Decoder:

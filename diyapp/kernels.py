@@ -372,9 +372,9 @@ class _LowPrecisionLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(w) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         row = torch.arange(min(block_rows, rows), device=hidden.device)
-        # One logits buffer for every block, its softmax taken in place: two fresh block-sized
-        # arrays a block cost more than the softmax itself (first-touch page faults; A's head block:
-        # product + softmax 7.8 -> 3.5 ms).
+        # One logits buffer for every block, its softmax taken in place: without the allocator
+        # policy two fresh block-sized arrays a block cost more than the softmax itself (A's head
+        # block: product + softmax 7.8 -> 3.5 ms).
         logits = h_all.new_empty(min(block_rows, padded), w.shape[0])
         for begin in range(0, padded, block_rows):
             h = h_all[begin:begin + block_rows]
