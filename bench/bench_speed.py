@@ -261,11 +261,16 @@ def med(xs: list[float]) -> float:
 # Parts
 
 
-def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dtype, native_bf16: bool,
-             labels: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
-    """Training steps of ours and theirs, alternating, in fp32 and (where native) in bf16 autocast
-    (the rows in ``labels``): every ratio is at equal precision. ``default`` names which of the two
-    rows the app trains with."""
+def training_rounds(shape: str, quick: bool) -> int:
+    """Rounds of training steps per precision row (C's steps are ~15x A's)."""
+    big = shape == "C"
+    return (1 if big else 4) if quick else (3 if big else 8)
+
+
+def training(shape: str, ours, hf, config, rounds: int, labels: tuple[str, ...]) -> dict[str, Any]:
+    """Training steps of ours and theirs, alternating, in each precision of ``labels`` ("fp32",
+    "bf16" autocast): every ratio is at equal precision. The MFU is added by ``main`` against the
+    peaks it measured (the bf16 rows come from another process)."""
     import torch
 
     batch = SHAPES[shape]["batch"]
@@ -275,28 +280,21 @@ def training(shape: str, ours, hf, config, rounds: int, peaks: dict, default_dty
     flops = tokens * train_flops_per_token(config, matmul_weights(ours))
     out: dict[str, Any] = {"batch": f"{batch}x{seq}", "tokens_per_step": tokens, "flops_per_step": flops,
                            "optimizer": "torch.optim.AdamW(fused=True) for both"}
-    precisions = [("fp32", None)] if "fp32" in labels else []
-    if native_bf16 and "bf16" in labels:  # emulated bf16 (AVX2) runs ~100x slower than fp32: nothing to learn
-        precisions.append(("bf16", torch.bfloat16))
-    for label, dtype in precisions:
+    for label in labels:
+        dtype = torch.bfloat16 if label == "bf16" else None
         load = CpuLoad()
         o_opt, h_opt = make_adamw(ours, "fused"), make_adamw(hf, "fused")
         times = interleaved({"ours": lambda: ours_step(ours, o_opt, ids, dtype),
                              "theirs": lambda: hf_step(hf, h_opt, ids, dtype)}, rounds, warmup=2 if shape == "A" else 1)
-        peak = peaks["bf16" if dtype is not None else "fp32"]["peak_gflops"] * 1e9
         row = {}
         for who in ("ours", "theirs"):
             step = med(times[who])
             row[who] = {"step_s": round(step, 4), "tokens_per_s": round(tokens / step, 1),
-                        "mfu": round(flops / step / peak, 4), "step_s_all": [round(t, 4) for t in times[who]]}
+                        "step_s_all": [round(t, 4) for t in times[who]]}
         row["ratio"] = round(row["ours"]["tokens_per_s"] / row["theirs"]["tokens_per_s"], 3)
         row["others_cpu_share"] = load.stop()
         out[label] = row
         del o_opt, h_opt
-    out["default"] = {"precision": precision_label(default_dtype),
-                      "why": "autocast_dtype('cpu', 'auto'): bf16 where the CPU runs it natively, else fp32"}
-    if not native_bf16 and "bf16" in labels:
-        out["bf16"] = {"skipped": "no native bf16 on this CPU (emulated bf16 is ~100x slower than fp32)"}
     return out
 
 
@@ -327,18 +325,12 @@ def bf16_training_as_the_app(shapes: list[str], quick: bool, threads: int | None
 
 def bf16_training_child(shape: str, quick: bool) -> int:
     """One shape's bf16 training row under the app's allocator policy, printed as JSON."""
-    import torch
-
     from diyapp.allocator import keep_freed_memory
 
     applied = keep_freed_memory()
     config, ours, hf, _ = build_pair(shape)
-    big = shape == "C"
-    rounds = (1 if big else 4) if quick else (3 if big else 8)
-    no_peak = {"bf16": {"peak_gflops": float("nan")}}  # the caller's peak gives the MFU
-    row = training(shape, ours, hf, config, rounds, no_peak, torch.bfloat16, True, labels=("bf16",))["bf16"]
-    for who in ("ours", "theirs"):
-        row[who].pop("mfu", None)
+    rounds = training_rounds(shape, quick)
+    row = training(shape, ours, hf, config, rounds, ("bf16",))["bf16"]
     print(json.dumps({**row, "allocator_policy": applied, "rounds": rounds}))
     return 0
 
@@ -514,8 +506,8 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
                            "matching_new_tokens": matching_prefix(outputs["ours"], outputs["theirs"]) - PROMPT_LEN,
                            "others_cpu_share": load.stop()}
     if use_cache:  # a one-token step streams every weight once: the bandwidth it reaches
-        weight_bytes = decoder_weight_bytes(ours)
-        out["ours_decode_weight_dtype"] = str(decode_weight_dtype(ours)).removeprefix("torch.")
+        weight_bytes = decoder_weight_bytes(ours, low)
+        out["ours_decode_weight_dtype"] = str(low).removeprefix("torch.")
         out["ours_weight_bytes"] = weight_bytes
         out["ours_ms_per_token"] = round(1e3 / rates["ours"], 3)
         out["ours_weight_stream_gb_per_s"] = round(weight_bytes * rates["ours"] / 1e9, 1)
@@ -524,13 +516,10 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     return out
 
 
-def decoder_weight_bytes(model) -> int:
-    """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, in the dtype it
-    stores them in (``decode_weight_dtype``: bf16 where the CPU runs it natively), and one row of the
-    embedding."""
-    from diyapp.decoder import decode_weight_dtype
-
-    decoder = model.decoder(decode_weight_dtype(model))
+def decoder_weight_bytes(model, dtype) -> int:
+    """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, stored in ``dtype``
+    (``decode_weight_dtype``: bf16 where the CPU runs it natively), and one row of the embedding."""
+    decoder = model.decoder(dtype)
     matrices = [w for layer in decoder.layers for w in layer] + [decoder.head]
     return sum(w.numel() * w.element_size() for w in matrices) + decoder.embed[0].numel() * decoder.embed.element_size()
 
@@ -915,10 +904,15 @@ def main() -> int:
                 part["generation_no_cache"] = generation(shape, ours, hf, config, 1 if big else rounds,
                                                          use_cache=False)
         if "train" not in skip:
-            rounds = (1 if big else 4) if args.quick else (3 if big else 8)
+            rounds = training_rounds(shape, args.quick)
             print(f"[{shape}] training, {rounds} rounds ...", flush=True)
-            part["training"] = tr = training(shape, ours, hf, config, rounds, result["peaks"], default_dtype,
-                                             m["native_bf16"], labels=("fp32",) if m["native_bf16"] else ("fp32", "bf16"))
+            part["training"] = tr = training(shape, ours, hf, config, rounds, ("fp32",))
+            tr["default"] = {"precision": precision_label(default_dtype),
+                             "why": "autocast_dtype('cpu', 'auto'): bf16 where the CPU runs it natively, else fp32"}
+            # bf16 rows: in processes of their own (bf16_training_as_the_app), where bf16 is native;
+            # emulated bf16 (AVX2) runs ~100x slower than fp32: nothing to learn from timing it
+            if not m["native_bf16"]:
+                tr["bf16"] = {"skipped": "no native bf16 on this CPU (emulated bf16 is ~100x slower than fp32)"}
             print(f"[{shape}]   fp32 tok/s ours {tr['fp32']['ours']['tokens_per_s']:.0f} theirs "
                   f"{tr['fp32']['theirs']['tokens_per_s']:.0f} ({tr['fp32']['ratio']:.2f}x)", flush=True)
         if "optim" not in skip and not (args.quick and big):
