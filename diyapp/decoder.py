@@ -61,13 +61,22 @@ def last_level_cache_bytes(caches: Path = CPU_CACHES) -> int:
     return max(sizes, default=32 << 20)
 
 
+#: The most of the last-level cache counted on to keep a model's matrices between steps. A virtual
+#: machine may report its host's whole cache, shared with other tenants (480 MB on a 2-core VM, where
+#: the large preset's 116 MB were still read at memory speed: packing every matrix 3.6 ms a step,
+#: only the large ones 3.9 ms).
+CACHE_BYTES_COUNTED = 32 << 20
+
+
 def packs(numel: int, total_fp32_bytes: int) -> bool:
     """Whether a bf16 decoder packs a matrix of ``numel`` elements, its model's matrices being
     ``total_fp32_bytes`` in float32: every matrix when they do not all fit in the last-level cache
-    (each is then read from memory at every step, and half the bytes is nearly half the time; the
-    large preset: 6.2 -> 2.3-2.6 ms a step), else only the large ones (the default model, whose 13 MB
-    stay in a 32 MB cache: packing all 0.34 -> 0.34 ms, only the head 0.27 ms)."""
-    return numel >= PACK_MIN_ELEMENTS or total_fp32_bytes > last_level_cache_bytes()
+    (up to ``CACHE_BYTES_COUNTED`` of it; each is then read from memory at every step, and half the
+    bytes is nearly half the time; the large preset: 6.2 -> 2.3-2.6 ms a step), else only the large
+    ones (the default model, whose 13 MB stay in a 32 MB cache: packing all 0.34 -> 0.34 ms, only
+    the head 0.27 ms)."""
+    cache = min(last_level_cache_bytes(), CACHE_BYTES_COUNTED)
+    return numel >= PACK_MIN_ELEMENTS or total_fp32_bytes > cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,6 +138,7 @@ class Decoder:
         low = weight_dtype != model.lm_head.weight.dtype
         self.packed = (low and weight_dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"
                        and packed_bf16_available())
+        self.transposed = low and not self.packed  # every matrix (out, in) in weight_dtype, for F.linear
 
         total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
 
@@ -168,9 +178,10 @@ class Decoder:
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = F.embedding(input_ids[:, -1], self.embed)
-        mm, add_mm = self._products(x.dtype)
+        product, add_product = self._product, self._add_product
         for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
-            qkv = mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t).view(batch, -1, head_dim)
+            qkv = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t)
+            qkv = qkv.to(x.dtype).view(batch, -1, head_dim)
             qk = torch.matmul(qkv[:, :nh + nkv], rotation)
             k_cache, v_cache = cache["k"], cache["v"]
             k_cache.select(2, pos).copy_(qk[:, nh:])
@@ -178,34 +189,24 @@ class Decoder:
             # grouped-query attention without repeating keys: each kv head's queries form the rows
             y = F.scaled_dot_product_attention(qk[:, :nh].view(batch, nkv, nh // nkv, head_dim).to(k_cache.dtype),
                                                k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end))
-            x = add_mm(x, y.reshape(batch, nh * head_dim), o_t)
-            gate_up = mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), gate_up_t)
-            x = add_mm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_t)
-        logits = mm(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), self.head)
+            x = add_product(x, y.reshape(batch, nh * head_dim), o_t)
+            # in the product's dtype: with bf16 weights the activation is rounded to bf16 for the
+            # next product anyway, and two conversions a layer are saved
+            gate_up = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), gate_up_t)
+            x = add_product(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_t)
+        logits = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), self.head).to(x.dtype)
         return logits, [(cache, end) for cache, _ in past_key_values]
 
-    def _products(self, dtype: torch.dtype):
-        """``mm(a, w)`` and ``add_mm(x, a, w) = x + a @ w`` for activations of ``dtype``; with weights
-        stored in another dtype the activations are converted on the way in and out."""
-        if self.weight_dtype == dtype:
-            return torch.mm, torch.addmm
-        low = self.weight_dtype
-        if self.packed:
-            def mm(a: Tensor, w: Tensor) -> Tensor:
-                if w.is_mkldnn:
-                    return _packed_linear(a.to(low), w).to(dtype)
-                return torch.mm(a, w)
+    def _product(self, a: Tensor, w: Tensor) -> Tensor:
+        """``a @ w`` for a matrix as stored, ``a`` converted to its dtype; the result in that dtype."""
+        if w.is_mkldnn:
+            return _packed_linear(a.to(w.dtype), w)
+        if self.transposed:
+            return F.linear(a.to(w.dtype), w)
+        return torch.mm(a.to(w.dtype), w)
 
-            def add_mm(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
-                if w.is_mkldnn:
-                    return x + _packed_linear(a.to(low), w)
-                return torch.addmm(x, a, w)
-            return mm, add_mm
-
-        def mm(a: Tensor, w: Tensor) -> Tensor:
-            return F.linear(a.to(low), w).to(dtype)
-
-        def add_mm(x: Tensor, a: Tensor, w: Tensor) -> Tensor:
-            return x + mm(a, w)
-
-        return mm, add_mm
+    def _add_product(self, x: Tensor, a: Tensor, w: Tensor) -> Tensor:
+        """``x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it."""
+        if not (w.is_mkldnn or self.transposed) and a.dtype == w.dtype == x.dtype:
+            return torch.addmm(x, a, w)
+        return x + self._product(a, w)

@@ -64,6 +64,9 @@ def test_small_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypat
         expected, _ = Decoder(tiny_model)(torch.tensor([[5]]), cache)
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     assert decoder.packs(10, (32 << 20) + 1)  # all larger than the cache: packed whatever its size
+    # a virtual machine may report its host's whole cache: no more than CACHE_BYTES_COUNTED of it counts
+    monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 480 << 20)
+    assert decoder.packs(10, decoder.CACHE_BYTES_COUNTED + 1) and not decoder.packs(10, decoder.CACHE_BYTES_COUNTED)
 
 
 def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection):
