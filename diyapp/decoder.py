@@ -177,14 +177,16 @@ class Decoder:
         nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
-        x = F.embedding(input_ids[:, -1], self.embed)
+        x = self.embed[input_ids[:, -1]]
         product, add_product = self._product, self._add_product
         for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
             qkv = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t)
             qkv = qkv.to(x.dtype).view(batch, -1, head_dim)
-            qk = torch.matmul(qkv[:, :nh + nkv], rotation)
+            # every head rotated in one 2-D product (the values' rotation is not used): cheaper than
+            # a batched product over the query and key heads alone
+            qk = torch.mm(qkv.view(-1, head_dim), rotation).view(batch, -1, head_dim)
             k_cache, v_cache = cache["k"], cache["v"]
-            k_cache.select(2, pos).copy_(qk[:, nh:])
+            k_cache.select(2, pos).copy_(qk[:, nh:nh + nkv])
             v_cache.select(2, pos).copy_(qkv[:, nh + nkv:])
             # grouped-query attention without repeating keys: each kv head's queries form the rows
             y = F.scaled_dot_product_attention(qk[:, :nh].view(batch, nkv, nh // nkv, head_dim).to(k_cache.dtype),
