@@ -123,7 +123,8 @@ class Decoder:
         config = model.config
         # The matrices may be stored in a lower precision (bf16) than the model: a one-token step
         # reads every weight once, so half the bytes is up to half the time where bf16 is native.
-        # Their inputs and outputs are then rounded to bf16 too; everything else (residual stream,
+        # Their inputs and outputs are then rounded to bf16 too, and the SwiGLU between a bf16
+        # gate/up product and the down product runs in bf16; everything else (residual stream,
         # norms, rotary, attention, the returned logits) stays in the model's dtype.
         weight_dtype = dtype or model.lm_head.weight.dtype
         self.nh, self.nkv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
