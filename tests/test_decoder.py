@@ -146,5 +146,13 @@ def test_without_the_packed_product_auto_decodes_in_the_models_dtype(tiny_model,
         assert decode_weight_dtype(tiny_model, "auto") is torch.float32
         low = Decoder(tiny_model, torch.bfloat16)
         assert low.packed is False and low.head.dtype == torch.bfloat16
+        assert low.head.shape == tiny_model.lm_head.weight.shape  # (out, in), for F.linear
+        with torch.inference_mode():  # and it decodes: the plain bf16 products, as on a GPU
+            _, cache = tiny_model(torch.tensor([[3, 4], [5, 6]]), use_cache=True)
+            got, _ = low(torch.tensor([[7], [8]]), cache)
+            _, cache = tiny_model(torch.tensor([[3, 4], [5, 6]]), use_cache=True)
+            expected, _ = Decoder(tiny_model)(torch.tensor([[7], [8]]), cache)
+        assert got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     finally:
         decoder.packed_bf16_available.cache_clear()
