@@ -212,4 +212,4 @@ class Decoder:
         """``x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it."""
         if not (w.is_mkldnn or self.transposed) and a.dtype == w.dtype == x.dtype:
             return torch.addmm(x, a, w)
-        return x + self._product(a, w)
+        return x.add_(self._product(a, w))  # x is this step's own tensor (a copied row, then sums)
