@@ -107,6 +107,12 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     return low or own
 
 
+def _rms_normed(x: Tensor, eps: float) -> Tensor:
+    """``x * rsqrt(sum(x^2) + eps)`` per row: RMSNorm with ``eps`` scaled by the width and the
+    ``sqrt(width)`` and the scale folded into the next matrix (see :class:`Decoder`)."""
+    return x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_()
+
+
 class Decoder:
     """One-token decoding for a ``DIYForCausalLM`` without modules, checks or autograd.
 
@@ -181,7 +187,7 @@ class Decoder:
         x = self.embed[input_ids[:, -1]]
         product, add_product = self._product, self._add_product
         for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
-            qkv = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), qkv_t)
+            qkv = product(_rms_normed(x, eps), qkv_t)
             qkv = qkv.to(x.dtype).view(batch, -1, head_dim)
             # every head rotated in one 2-D product (the values' rotation is not used): cheaper than
             # a batched product over the query and key heads alone
@@ -195,9 +201,9 @@ class Decoder:
             x = add_product(x, y.reshape(batch, nh * head_dim), o_t)
             # in the product's dtype: with bf16 weights the activation is rounded to bf16 for the
             # next product anyway, and two conversions a layer are saved
-            gate_up = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), gate_up_t)
+            gate_up = product(_rms_normed(x, eps), gate_up_t)
             x = add_product(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_t)
-        logits = product(x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_(), self.head).to(x.dtype)
+        logits = product(_rms_normed(x, eps), self.head).to(x.dtype)
         return logits, [(cache, end) for cache, _ in past_key_values]
 
     def _product(self, a: Tensor, w: Tensor) -> Tensor:
