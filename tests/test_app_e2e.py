@@ -49,8 +49,11 @@ class Terminal:
         try:
             self.child.expect(pattern)
         except (pexpect.TIMEOUT, pexpect.EOF) as err:
-            screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.log.getvalue())[-3000:]
-            raise AssertionError(f"did not see {pattern!r}; the screen ended with:\n{screen}") from err
+            screen = self.screen
+            # errors reported on the way (e.g. "Exception ignored in ...") may have scrolled far up
+            reported = "\n".join(line for line in screen.splitlines() if "Exception" in line or "Error" in line)
+            raise AssertionError(f"did not see {pattern!r}; errors reported: {reported or 'none'}; "
+                                 f"the screen ended with:\n{screen[-3000:]}") from err
         return self.child.match
 
     def answer(self, pattern: str, keys: str) -> None:

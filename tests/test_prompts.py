@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +181,27 @@ def test_chat_loop_commands_markup_interrupts_and_ends(pipe, prompter, console, 
     assert "7 tokens · 14.0 tokens/s" in text and "丢弃了最早的 1 轮" in text
     assert "回答已中断" in text and "已清空" in text and "exit / quit" in text
     assert re.search(r"temperature\s+0\.5", text) and "温度 temperature 需要一个数字 needs a number" in text
+
+
+def test_ctrl_c_while_streaming_stops_the_text_even_when_its_exception_was_swallowed():
+    """A Ctrl-C whose KeyboardInterrupt is lost on its way (here: caught) still stops the stream
+    at its next piece, and the process's own Ctrl-C handler is back afterwards."""
+    out = io.StringIO()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with chat_loop.streaming_to(out) as write:
+            write("第一")
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs in this thread within the sleep and raises
+            except KeyboardInterrupt:
+                pass  # swallowed, as inside a finalizer
+            write("第二")
+    assert out.getvalue() == "第一"
+    assert signal.getsignal(signal.SIGINT) is before
+    with chat_loop.streaming_to(out) as write:  # a new answer starts without the old Ctrl-C
+        write("新的")
+    assert out.getvalue() == "第一新的"
 
 
 @pytest.mark.parametrize("key, code", [("\x04", 0), ("\x03", 130)])

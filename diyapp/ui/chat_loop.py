@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
-from typing import TYPE_CHECKING, Callable, TextIO
+import signal
+import threading
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -122,12 +125,41 @@ def reply_stats(reply: "Reply") -> str:
     return " · ".join(parts)
 
 
-def stream_answer(session: "ChatSession", message: str, out: TextIO, seed: int | None = None) -> "Reply":
-    """Answer ``message``, writing the text to ``out`` as plain text as it is generated."""
+@contextlib.contextmanager
+def streaming_to(out: TextIO) -> Iterator[Callable[[str], None]]:
+    """A writer of streamed model text to ``out`` (flushed piece by piece) that Ctrl-C stops.
+
+    Ctrl-C raises KeyboardInterrupt at once, as usual, and is also remembered: should the
+    exception be lost on its way (one raised inside a finalizer is only reported, never passed
+    on), the next piece written raises it again, so an answer never runs on after Ctrl-C.
+    """
+    pressed = False
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal pressed
+        pressed = True
+        raise KeyboardInterrupt
+
     def write(piece: str) -> None:
+        if pressed:
+            raise KeyboardInterrupt
         out.write(piece)
         out.flush()
-    return session.reply(message, on_text=write, seed=seed)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield write
+        return
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield write
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stream_answer(session: "ChatSession", message: str, out: TextIO, seed: int | None = None) -> "Reply":
+    """Answer ``message``, writing the text to ``out`` as plain text as it is generated."""
+    with streaming_to(out) as write:
+        return session.reply(message, on_text=write, seed=seed)
 
 
 def next_line(prompter: Prompter, console: Console, prompt: str) -> str | int:

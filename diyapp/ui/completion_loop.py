@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Callable
 from rich.console import Console
 from rich.text import Text
 
-from .chat_loop import SWITCH_TO_COMPLETION, apply_settings, next_line, parse_command, run_chat, settings_table
+from .chat_loop import (SWITCH_TO_COMPLETION, apply_settings, next_line, parse_command, run_chat, settings_table,
+                        streaming_to)
 from .prompts import Prompter
 
 if TYPE_CHECKING:
@@ -109,12 +110,9 @@ def _continue(bench: "Workbench", prompt: str, settings: "GenerationConfig", con
     console.out(prompt, end="", highlight=False)
     console.file.flush()
 
-    def write(piece: str) -> None:
-        console.file.write(piece)
-        console.file.flush()
-
     try:
-        result = complete(bench.model, bench.tokenizer, prompt, settings, on_text=write)
+        with streaming_to(console.file) as write:
+            result = complete(bench.model, bench.tokenizer, prompt, settings, on_text=write)
     except KeyboardInterrupt:
         console.out("")
         console.print(Text("（续写已中断 stopped）", style="yellow"))
