@@ -186,11 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_sampling_options(parser: argparse.ArgumentParser, what: str) -> None:
     """The sampling flags chat and generate share."""
+    from .config import DECODE_PRECISIONS
+
     parser.add_argument("--temperature", type=_float, metavar="T", help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=_int, metavar="K", help="keep the K most likely tokens (0 = off)")
     parser.add_argument("--top-p", type=_float, metavar="P", help="nucleus sampling mass (1 = off)")
     parser.add_argument("--max-new-tokens", type=_int, metavar="N", help=f"longest {what} in tokens")
     parser.add_argument("--seed", type=_int, metavar="N", help="make the sampling repeatable")
+    parser.add_argument("--precision", choices=DECODE_PRECISIONS, metavar="P",
+                        help="decoding weights: auto (bf16 where the CPU runs it natively, else the model's), "
+                             "fp32, bf16, or int8 (CPU only: fastest for one conversation, answers can differ "
+                             "slightly)")
 
 
 def _add_save_options(parser: argparse.ArgumentParser, save_help: str) -> None:
@@ -364,7 +370,7 @@ def _settings(args: argparse.Namespace, base: Any = None) -> Any:
     from .generation import GenerationConfig
 
     settings = base or GenerationConfig()
-    for name in ("temperature", "top_k", "top_p", "max_new_tokens"):
+    for name in ("temperature", "top_k", "top_p", "max_new_tokens", "precision"):
         value = getattr(args, name)
         if value is not None:
             try:

@@ -97,6 +97,10 @@ class DIYConfig:
             raise ConfigError(f"模型配置的字段有误 bad model config: {exc}") from None
 
 
+#: The weight precisions a one-token decoding step can use (``diyapp.decoder.decode_weight_dtype``).
+DECODE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
 #: Named model sizes offered by the app: the default, and a larger one (about 29M parameters).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -6,7 +6,7 @@ last position (up to float rounding), writing the same KV cache in place.
 
 :func:`decode_weight_dtype` says which dtype its matrices are stored in for a given ``precision``:
 bf16 where the CPU multiplies bf16 natively (a one-token step reads every weight once, so half the
-bytes is close to half the time), else the model's own dtype.
+bytes is close to half the time), else the model's own dtype; int8 (:class:`Int8Weight`) when asked.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import DECODE_PRECISIONS
 from .device import autocast_dtype
 
 LayerCache = tuple[dict[str, Tensor], int]
@@ -38,6 +39,45 @@ def _packed_linear(a: Tensor, packed: Tensor) -> Tensor:
     in fp32: 5.3 ms fp32, 1.9 ms packed bf16, against 3.0 ms for ``F.linear`` in bf16; 2-core EPYC).
     """
     return torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+
+
+class Int8Weight:
+    """An ``(out, in)`` matrix as int8 values with one bf16 scale per output row, for a one-token
+    step that reads a quarter of float32's bytes.
+
+    Symmetric rounding per row (``scale = max |row| / 127``): each weight is off by at most half a
+    step, 1/254 of its row's largest. The product is ATen's weight-only int8 kernel: bf16
+    activations, float32 sums, one scale per output. It handles the widths of a multiple of 16
+    only (other widths crash it), see :meth:`fits`; its cost grows with the rows, so it pays for
+    one conversation (batch 1), not for long batches.
+    """
+
+    ALIGN = 16
+
+    def __init__(self, weight: Tensor) -> None:
+        if not self.fits(weight):
+            raise ValueError(f"int8 products need a width that is a multiple of {self.ALIGN}, got {weight.shape[1]}")
+        weight = weight.detach().float()
+        self.scales = (weight.abs().amax(dim=1).clamp_min(1e-30) / 127).to(torch.bfloat16)
+        self.values = (weight / self.scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.dtype = torch.bfloat16  # what its products take and give
+
+    @classmethod
+    def fits(cls, weight: Tensor) -> bool:
+        """Whether the int8 kernel multiplies ``weight`` (``(out, in)``, ``in`` a multiple of 16)."""
+        return weight.shape[1] % cls.ALIGN == 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() + self.scales.numel() * self.scales.element_size()
+
+    def dequantized(self) -> Tensor:
+        """The float32 ``(out, in)`` matrix these int8 values and scales stand for."""
+        return self.values.float() * self.scales.float()[:, None]
+
+    def product(self, a: Tensor) -> Tensor:
+        """``a @ matrix.T`` for ``a`` ``(rows, in)``, in bf16."""
+        return torch.ops.aten._weight_int8pack_mm(a.to(torch.bfloat16), self.values, self.scales)
 
 
 #: A matrix this large (elements) is packed even when all of them fit in the cache: below it, oneDNN's
@@ -97,8 +137,17 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     bfloat16; "auto": bfloat16 for a float32 model on a CPU with native bf16 (oneDNN's packed
     product; ``DIYAPP_CPU_BF16=0`` turns it off), else the model's own dtype. Where bf16 is emulated
     it is many times slower, and on a GPU the products are too small for the bytes to matter.
+    "int8" (CPU only, never picked by "auto"): int8 weights (:class:`Int8Weight`), a quarter of
+    float32's bytes, which one conversation decodes fastest with on any CPU with AVX2 or better;
+    the answers can differ slightly from the model's own.
     """
+    if precision not in DECODE_PRECISIONS:
+        raise ValueError(f"decoding precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
     own, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"int8 decoding runs on a CPU only (this model is on {device.type})")
+        return torch.int8
     # The CPU's answer, as for training (autocast_dtype checks the name); "auto" also needs a float32
     # model on a CPU and the packed product.
     low = autocast_dtype("cpu", precision)
@@ -127,9 +176,9 @@ class Decoder:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         config = model.config
-        # The matrices may be stored in a lower precision (bf16) than the model: a one-token step
-        # reads every weight once, so half the bytes is up to half the time where bf16 is native.
-        # Their inputs and outputs are then rounded to bf16 too, and the SwiGLU between a bf16
+        # The matrices may be stored in a lower precision (bf16, int8) than the model: a one-token
+        # step reads every weight once, so half the bytes is up to half the time where bf16 is
+        # native. Their inputs and outputs are then rounded to bf16 too, and the SwiGLU between a bf16
         # gate/up product and the down product runs in bf16; everything else (residual stream,
         # norms, rotary, attention, the returned logits) stays in the model's dtype.
         weight_dtype = dtype or model.lm_head.weight.dtype
@@ -141,15 +190,18 @@ class Decoder:
 
         # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm); in bf16 on a CPU
         # packed for oneDNN (see _packed_linear; small cache-resident ones stay as in fp32, see
-        # packs), elsewhere (out, in) (read fastest by F.linear).
-        low = weight_dtype != model.lm_head.weight.dtype
+        # packs), elsewhere (out, in) (read fastest by F.linear); int8 ones as Int8Weight.
+        int8 = weight_dtype == torch.int8
+        low = not int8 and weight_dtype != model.lm_head.weight.dtype
         self.packed = (low and weight_dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"
                        and packed_bf16_available())
         self.transposed = low and not self.packed  # every matrix (out, in) in weight_dtype, for F.linear
 
         total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
 
-        def store(weight: Tensor) -> Tensor:
+        def store(weight: Tensor) -> "Tensor | Int8Weight":
+            if int8:  # a width the kernel cannot take stays as in the model's dtype
+                return Int8Weight(weight) if Int8Weight.fits(weight) else weight.t().contiguous()
             if self.packed:
                 if packs(weight.numel(), total):
                     return _pack_bf16(weight.to(weight_dtype).contiguous())
@@ -208,6 +260,8 @@ class Decoder:
 
     def _product(self, a: Tensor, w: Tensor) -> Tensor:
         """``a @ w`` for a matrix as stored, ``a`` converted to its dtype; the result in that dtype."""
+        if isinstance(w, Int8Weight):
+            return w.product(a)
         if w.is_mkldnn:
             return _packed_linear(a.to(w.dtype), w)
         if self.transposed:
@@ -216,6 +270,6 @@ class Decoder:
 
     def _add_product(self, x: Tensor, a: Tensor, w: Tensor) -> Tensor:
         """``x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it."""
-        if not (w.is_mkldnn or self.transposed) and a.dtype == w.dtype == x.dtype:
+        if isinstance(w, Tensor) and not (w.is_mkldnn or self.transposed) and a.dtype == w.dtype == x.dtype:
             return torch.addmm(x, a, w)
         return x.add_(self._product(a, w))  # x is this step's own tensor (a copied row, then sums)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from .config import DECODE_PRECISIONS
 from .decoder import decode_weight_dtype
 from .model import DIYForCausalLM
 
@@ -23,9 +24,14 @@ class GenerationConfig:
     top_k: int | None = 20
     top_p: float | None = 0.9
     repetition_penalty: float = 1.0
+    #: the one-token steps' weight precision (:func:`~diyapp.decoder.decode_weight_dtype`)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_sampling(self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        if self.precision not in DECODE_PRECISIONS:
+            raise ValueError(f"精度 precision 必须是 {' / '.join(DECODE_PRECISIONS)} 之一 must be one of "
+                             f"{', '.join(DECODE_PRECISIONS)} (got {self.precision!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +48,8 @@ class GenerationConfig:
         value: Any
         if name in ("top_k", "top_p") and raw in ("none", "off", "0", ""):
             value = None
+        elif name == "precision":
+            value = raw
         else:
             try:
                 value = int(raw) if name in ("max_new_tokens", "top_k") else float(raw)
@@ -52,7 +60,7 @@ class GenerationConfig:
 
 #: The Chinese names of the sampling settings, for messages (``温度 temperature ...``).
 _LABELS = {"max_new_tokens": "最长生成", "temperature": "温度", "top_k": "候选数", "top_p": "累计概率",
-           "repetition_penalty": "重复惩罚"}
+           "repetition_penalty": "重复惩罚", "precision": "精度"}
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
@@ -311,8 +319,9 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
     ``eos_token_id``); in a batch it is finished and padded like a row that produced the EOS.
 
     ``precision`` is the one-token steps' weight precision (:func:`decode_weight_dtype`): "auto"
-    (bf16 where the CPU runs it natively), "bf16", or "fp32" (the model's own weights, whose greedy
-    output equals the ``use_cache=False`` path's).
+    (bf16 where the CPU runs it natively), "bf16", "fp32" (the model's own weights, whose greedy
+    output equals the ``use_cache=False`` path's), or "int8" (CPU only; fastest for one sequence,
+    answers can differ slightly).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     weight_dtype = decode_weight_dtype(model, precision)
@@ -458,7 +467,8 @@ def stream_text(model: DIYForCausalLM, ids: list[int], max_new_tokens: int, sett
     started = time.perf_counter()
     out = generate(model, ids, max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
                    top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
-                   eos_token_id=eos_token_id, seed=seed, on_token=take, guard=guard, stop_loops=True)
+                   eos_token_id=eos_token_id, seed=seed, on_token=take, guard=guard, stop_loops=True,
+                   precision=settings.precision)
     seconds = time.perf_counter() - started
     emit(decoder.flush(drop_partial=True))  # only a reply cut at its limit can end mid-character
     finished = max_new_tokens > 0 and out.shape[1] > len(ids) and int(out[0, -1]) == eos_token_id

@@ -281,7 +281,7 @@ def test_6_ctrl_c_during_an_answer_returns_to_the_prompt(tmp_path):
     term.answer("继续训练这个模型吗", "\r")
     term.answer("要另存一份吗", "\r")
     term.answer(CHAT, "set temperature=1 top_k=20 max_new_tokens=2000\r")
-    term.wait("repetition_penalty")                    # the last row of the settings table
+    term.wait("precision")                             # the last row of the settings table
     assert re.search(r"max_new_tokens\s+2000", term.screen) and re.search(r"temperature\s+1\.0", term.screen)
     term.answer(CHAT, "你好\r")
     term.wait("🤖 助手: .")

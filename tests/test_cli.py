@@ -74,7 +74,7 @@ def test_bare_command_without_a_terminal_explains_and_exits_2(tmp_path):
     ["bogus"], ["train", "--lr", "5"], ["train", "--lr", "abc"], ["train", "--pretrain-epochs", "-1"],
     ["train", "--heads", "3"], ["train", "--preset", "enormous"], ["chat"], ["export", "--model", "x.pt"],
     ["chat", "--model", "x.pt", "--prompt", "  "], ["chat", "--model", "x.pt", "--temperature", "-1"],
-    ["train", "--format", "yaml"],
+    ["train", "--format", "yaml"], ["chat", "--model", "x.pt", "--precision", "fp16"],
 ])
 def test_usage_errors_exit_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -165,6 +165,19 @@ def test_chat_top_p_flag_reaches_the_sampler(trained, capsys):
         hot = ["--temperature", "5", "--top-k", "0", "--seed", seed]
         assert answer(*hot, "--top-p", "0.000001") == greedy
         assert answer(*hot, "--top-p", "1") != greedy
+
+
+def test_precision_flag_reaches_the_decoder(trained, capsys, monkeypatch):
+    from diyapp import generation
+
+    asked = []
+    real = generation.decode_weight_dtype
+    monkeypatch.setattr(generation, "decode_weight_dtype", lambda model, precision: asked.append(precision) or real(model, precision))
+    for command in ("chat", "generate"):
+        assert main([command, "--model", str(trained / "m.pt"), "--prompt", "你好", "--max-new-tokens", "5",
+                     "--precision", "int8"]) == 0
+        assert capsys.readouterr().out.strip()
+    assert asked == ["int8", "int8"]
 
 
 def test_chat_one_prompt_and_piped_lines(trained, capsys, monkeypatch):

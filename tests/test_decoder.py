@@ -1,5 +1,5 @@
-"""The one-token Decoder with weights stored in bf16 against the same decoder in fp32, and when
-generate decodes with bf16 weights."""
+"""The one-token Decoder with weights stored in bf16 or int8 against the same decoder in fp32, and
+when generate decodes with bf16 weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diyapp import DIYForCausalLM, decoder, generate
-from diyapp.decoder import Decoder, decode_weight_dtype, packed_bf16_available
+from diyapp.decoder import Decoder, Int8Weight, decode_weight_dtype, packed_bf16_available
 from diyapp.device import cpu_supports_bf16
 
 
@@ -29,6 +29,47 @@ def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch, pack_every_
     # bf16 keeps 8 significant bits: logits within 2% of their range
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     assert not torch.equal(got, expected)  # the weights really are rounded
+
+
+def test_int8_weights_round_each_value_to_half_a_step_of_its_row():
+    torch.manual_seed(2)
+    weight = torch.randn(40, 48) * torch.rand(40, 1) * 3  # rows of different ranges
+    weight[3] = 0  # an all-zero row stays zero (no division by a zero scale)
+    q = Int8Weight(weight)
+    assert q.values.dtype == torch.int8 and q.values.abs().max() <= 127 and q.scales.dtype == torch.bfloat16
+    assert q.nbytes == 40 * 48 + 40 * 2
+    step = q.scales.float()[:, None]
+    assert ((q.dequantized() - weight).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(q.dequantized()[3], torch.zeros(48))
+    a = torch.randn(3, 48)
+    expected = a.bfloat16().float() @ q.dequantized().t()
+    got = q.product(a)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 40)
+    assert (got.float() - expected).abs().max() <= 0.01 * expected.abs().max()  # bf16 output rounding
+    assert not Int8Weight.fits(torch.zeros(4, 40))  # the kernel crashes on such widths: refused
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Int8Weight(torch.zeros(4, 40))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_int8_weight_decoder_stays_close_to_fp32(tiny_config, batch):
+    """Every matrix in int8, except one whose width the kernel cannot take (kept in fp32)."""
+    torch.manual_seed(6)
+    model = DIYForCausalLM(dataclasses.replace(tiny_config, num_kv_heads=1, intermediate_size=72)).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (batch, 8))
+    low = Decoder(model, torch.int8)
+    qkv, o, gate_up, down = low.layers[0]
+    assert all(isinstance(w, Int8Weight) for w in (qkv, o, gate_up, low.head))
+    assert down.dtype == torch.float32 and down.shape == (72, tiny_config.hidden_size)  # width 72: (in, out)
+    with torch.inference_mode():
+        _, cache_a = model(ids[:, :7], use_cache=True)
+        _, cache_b = model(ids[:, :7], use_cache=True)
+        expected, _ = model.decoder()(ids[:, 7:], cache_a)
+        got, cache_b = low(ids[:, 7:], cache_b)
+    assert got.dtype == torch.float32 and cache_b[0][1] == 8
+    # 8-bit weights per row plus bf16 activations: logits within 2% of their range (0.3-0.4% seen)
+    assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert not torch.equal(got, expected)
 
 
 def test_packed_bf16_weights_are_used_where_available(tiny_model, pack_every_matrix):
@@ -78,8 +119,11 @@ def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypat
     cpu_supports_bf16.cache_clear()
     assert decode_weight_dtype(tiny_model, "auto") is torch.float32
     assert decode_weight_dtype(tiny_model.to(torch.bfloat16), "auto") is torch.bfloat16  # its own dtype
+    assert decode_weight_dtype(tiny_model, "int8") is torch.int8  # asked for only, never "auto"
     with pytest.raises(ValueError, match="precision"):
         decode_weight_dtype(tiny_model, "fp16")
+    with pytest.raises(ValueError, match="CPU only"):
+        decode_weight_dtype(tiny_model.to("meta"), "int8")
 
 
 def _trained_on_a_rule(config, steps=150):
@@ -109,6 +153,13 @@ def test_bf16_decoding_gives_a_trained_models_greedy_tokens(tiny_config, pack_ev
     rule = [(7 * a + 3) % tiny_config.vocab_size for a in fp32[0, 1:-1].tolist()]
     assert sum(a == b for a, b in zip(rule, fp32[0, 2:].tolist())) >= 36  # learned: confident tokens
     assert torch.equal(bf16, fp32)
+
+
+def test_int8_decoding_gives_a_trained_models_greedy_tokens(tiny_config):
+    model = _trained_on_a_rule(tiny_config)
+    prompt = torch.tensor([[5, 38]])
+    fp32 = generate(model, prompt, 40, temperature=0, precision="fp32")
+    assert torch.equal(generate(model, prompt, 40, temperature=0, precision="int8"), fp32)
 
 
 def test_last_level_cache_size_is_read_from_sysfs(tmp_path):

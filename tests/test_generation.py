@@ -21,11 +21,11 @@ def test_greedy_cached_equals_reference(tiny_model, tiny_config):
     assert torch.equal(cached[:, :6], prompt)
 
 
-@pytest.mark.parametrize("use_cache,precision", [(True, "fp32"), (False, "fp32"), (True, "bf16")])
+@pytest.mark.parametrize("use_cache,precision", [(True, "fp32"), (False, "fp32"), (True, "bf16"), (True, "int8")])
 def test_greedy_picks_the_models_argmax_at_every_step(tiny_config, use_cache, precision, pack_every_matrix):
     """Each greedy token is the most likely next token of a full forward pass over what came before
-    (a near tie, within rounding of the cached path, may go either way; with bf16 decoding weights,
-    within bf16's rounding: 2% of the logits' range). An untied head: the tied one at random
+    (a near tie, within rounding of the cached path, may go either way; with bf16 or int8 decoding
+    weights, within their rounding: 2% of the logits' range). An untied head: the tied one at random
     initialisation repeats one token, which a decoder stuck on its first token matches."""
     torch.manual_seed(0)
     model = DIYForCausalLM(dataclasses.replace(tiny_config, tie_word_embeddings=False)).eval()
