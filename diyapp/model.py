@@ -291,22 +291,25 @@ class DIYForCausalLM(nn.Module):
 
         Its weights are transposed copies with the RMSNorm scales folded in, which a one-token
         product reads about twice as fast on CPU, stored in ``dtype`` (default: the model's own;
-        :func:`~diyapp.decoder.decode_weight_dtype` says when bf16 is faster). They are built on
-        first use and kept on the module until a parameter changes (in place, moved or replaced)
-        or another ``dtype`` is asked for, so get a new decoder after training; this costs one pass
-        over the weights only when something changed.
+        :func:`~diyapp.decoder.decode_weight_dtype` says when bf16 or int8 is faster). They are
+        built on first use and kept on the module, one decoder per ``dtype`` (so alternating
+        precisions does not rebuild them), until a parameter changes (in place, moved or replaced),
+        so get a new decoder after training; this costs one pass over the weights only when
+        something changed.
         """
         dtype = dtype or self.lm_head.weight.dtype  # decoder() and decoder(own dtype) are one decoder
         params = list(self.parameters())
         try:
-            key = (dtype, tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+            key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         except RuntimeError:  # inference tensors keep no version counter: rebuild every time
             key = None
-        cached = self.__dict__.get("_decoder")
-        if key is None or cached is None or cached[0] != key:
-            cached = (key, Decoder(self, dtype))
-            self.__dict__["_decoder"] = cached  # a plain attribute: not a buffer, never saved
-        return cached[1]
+        kept = self.__dict__.get("_decoders")  # a plain attribute: not a buffer, never saved
+        if key is None or kept is None or kept[0] != key:
+            kept = (key, {})
+            self.__dict__["_decoders"] = kept
+        if dtype not in kept[1]:
+            kept[1][dtype] = Decoder(self, dtype)
+        return kept[1][dtype]
 
     def compute_loss(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                      seq_lengths: Tensor | None = None, loss_mask: Tensor | None = None) -> Tensor:

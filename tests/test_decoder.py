@@ -175,13 +175,16 @@ def test_last_level_cache_size_is_read_from_sysfs(tmp_path):
 
 def test_the_kept_decoder_follows_the_asked_dtype(tiny_model):
     """decoder() and decoder(the model's dtype) are the same kept decoder; another dtype builds
-    a decoder of that dtype (and asking for the first again rebuilds it)."""
+    and keeps a decoder of that dtype beside it; a changed weight rebuilds them."""
     own = tiny_model.decoder()
     assert tiny_model.decoder(torch.float32) is own
     low = tiny_model.decoder(torch.bfloat16)
     assert low is not own and low.weight_dtype is torch.bfloat16
     assert tiny_model.decoder(torch.bfloat16) is low
-    assert tiny_model.decoder().weight_dtype is torch.float32
+    assert tiny_model.decoder() is own and own.weight_dtype is torch.float32
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(2)
+    assert tiny_model.decoder() is not own and tiny_model.decoder(torch.bfloat16) is not low
 
 
 def test_without_the_packed_product_auto_decodes_in_the_models_dtype(tiny_model, monkeypatch):
