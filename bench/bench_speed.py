@@ -476,10 +476,14 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
                 torch.set_num_threads(threads)
         return run
 
-    def run_ours() -> None:
-        outputs["ours"] = generate(ours, prompt, new, temperature=0, use_cache=use_cache)
+    def ours_with(precision: str, key: str) -> Callable[[], None]:
+        def run() -> None:
+            outputs[key] = generate(ours, prompt, new, temperature=0, use_cache=use_cache, precision=precision)
+        return run
 
-    runs = {"ours": run_ours, "theirs": theirs(hf, threads, "theirs")}
+    runs = {"ours": ours_with("auto", "ours"), "theirs": theirs(hf, threads, "theirs")}
+    if use_cache:  # the opt-in int8 weights: timed beside, never the headline (not the same precision)
+        runs["ours_int8"] = ours_with("int8", "ours_int8")
     if threads > 1:
         runs["theirs_1_thread"] = theirs(hf, 1, "theirs_1_thread")
     low = decode_weight_dtype(ours) if use_cache else torch.float32
@@ -513,15 +517,27 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
         out["ours_weight_stream_gb_per_s"] = round(weight_bytes * rates["ours"] / 1e9, 1)
         if bandwidth:
             out["bandwidth_bound_ms_per_token"] = round(weight_bytes / (bandwidth * 1e9) * 1e3, 3)
+        int8_bytes = decoder_weight_bytes(ours, torch.int8)
+        out["int8"] = {"tokens_per_s": rates["ours_int8"], "ratio": round(rates["ours_int8"] / best_theirs, 3),
+                       "vs_ours_default": round(rates["ours_int8"] / rates["ours"], 3),
+                       "weight_bytes": int8_bytes, "ms_per_token": round(1e3 / rates["ours_int8"], 3),
+                       "matching_new_tokens_vs_ours_default":
+                           matching_prefix(outputs["ours_int8"], outputs["ours"]) - PROMPT_LEN}
+        if bandwidth:
+            out["int8"]["bandwidth_bound_ms_per_token"] = round(int8_bytes / (bandwidth * 1e9) * 1e3, 3)
     return out
 
 
 def decoder_weight_bytes(model, dtype) -> int:
     """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, stored in ``dtype``
-    (``decode_weight_dtype``: bf16 where the CPU runs it natively), and one row of the embedding."""
+    (``decode_weight_dtype``: bf16 where the CPU runs it natively; int8 with its scales), and one
+    row of the embedding."""
+    from diyapp.decoder import Int8Weight
+
     decoder = model.decoder(dtype)
     matrices = [w for layer in decoder.layers for w in layer] + [decoder.head]
-    return sum(w.numel() * w.element_size() for w in matrices) + decoder.embed[0].numel() * decoder.embed.element_size()
+    return (sum(w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size() for w in matrices)
+            + decoder.embed[0].numel() * decoder.embed.element_size())
 
 
 def memory_bandwidth(mib: int = 256, reps: int = 5) -> dict[str, Any]:
@@ -550,18 +566,21 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def decode_precision(shape: str, ours, config, new: int) -> dict[str, Any]:
-    """Our one-token decoder with fp32 weights against the same with bf16 weights (1 thread, greedy,
-    the bench prompt), alternating: ms/token, the largest logit difference, equal greedy tokens."""
+def decode_precision(shape: str, ours, config, new: int, lows: tuple[str, ...]) -> dict[str, Any]:
+    """Our one-token decoder with fp32 weights against the same with each of ``lows`` ("bf16",
+    "int8") weights (1 thread, greedy, the bench prompt), alternating: ms/token, the largest logit
+    difference on the fp32 decoder's own tokens, equal greedy tokens."""
     import torch
 
     from diyapp.decoder import Decoder
 
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
-    decoders = {"fp32": Decoder(ours), "bf16": Decoder(ours, torch.bfloat16)}
+    decoders = {name: Decoder(ours, dtypes[name]) for name in ("fp32", *lows)}
     times: dict[str, list[float]] = {k: [] for k in decoders}
     tokens: dict[str, list[int]] = {}
     logits_seen: dict[str, list] = {}
+    diffs: dict[str, list[float]] = {k: [] for k in lows}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ours.eval()
@@ -580,22 +599,22 @@ def decode_precision(shape: str, ours, config, new: int) -> dict[str, Any]:
                         seen.append(logits)
                     times[name].append((time.perf_counter() - t) / new)
                     tokens[name], logits_seen[name] = out, seen
-            # logits of bf16 weights on the fp32 decoder's own token sequence: same inputs, only precision differs
-            hidden, cache = ours.model(prompt, past_key_values=ours.new_cache(1), use_cache=True)
-            diffs = []
-            for i, reference in enumerate(logits_seen["fp32"]):
-                step = torch.tensor([[tokens["fp32"][i]]])
-                logits, cache = decoders["bf16"](step, cache)
-                diffs.append(float((logits - reference).abs().max() / reference.abs().max()))
+            # logits of the low-precision weights on the fp32 decoder's own token sequence: same inputs
+            for name in lows:
+                hidden, cache = ours.model(prompt, past_key_values=ours.new_cache(1), use_cache=True)
+                for i, reference in enumerate(logits_seen["fp32"]):
+                    logits, cache = decoders[name](torch.tensor([[tokens["fp32"][i]]]), cache)
+                    diffs[name].append(float((logits - reference).abs().max() / reference.abs().max()))
     finally:
         torch.set_num_threads(threads)
         ours.train()
-    same = next((i for i, (a, b) in enumerate(zip(tokens["fp32"], tokens["bf16"])) if a != b), len(tokens["fp32"]))
-    return {"ms_per_token": {k: round(med(v) * 1e3, 3) for k, v in times.items()},
-            "bf16_speedup": round(med(times["fp32"]) / med(times["bf16"]), 3),
-            "max_relative_logit_diff": round(max(diffs), 4),
-            "greedy_tokens_equal": tokens["fp32"] == tokens["bf16"], "equal_leading_tokens": same,
-            "new_tokens": new}
+    out: dict[str, Any] = {"ms_per_token": {k: round(med(v) * 1e3, 3) for k, v in times.items()}, "new_tokens": new}
+    for name in lows:
+        same = next((i for i, (a, b) in enumerate(zip(tokens["fp32"], tokens[name])) if a != b), len(tokens["fp32"]))
+        out[name] = {"speedup": round(med(times["fp32"]) / med(times[name]), 3),
+                     "max_relative_logit_diff": round(max(diffs[name]), 4),
+                     "greedy_tokens_equal": tokens["fp32"] == tokens[name], "equal_leading_tokens": same}
+    return out
 
 
 def synthetic_stream(vocab: int, batch: int, seq: int, steps: int, seed: int = 4):
@@ -759,6 +778,11 @@ def build_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                          "ours": gen["tokens_per_s"]["ours"], "theirs": gen["theirs_best"], "ratio": gen["ratio"],
                          "target": f">= {target}x" if target else "",
                          "verdict": verdict(gen["ratio"], target) if target else ""})
+            if "int8" in gen:
+                rows.append({"what": f"{shape} generate tok/s {label}, ours int8 weights (opt-in)",
+                             "ours": gen["int8"]["tokens_per_s"], "theirs": gen["theirs_best"],
+                             "ratio": gen["int8"]["ratio"], "target": "",
+                             "verdict": f"not the same precision as theirs; {gen['int8']['vs_ours_default']:.2f}x ours default"})
         if part.get("generation_cached") and part.get("generation_no_cache"):
             c = part["generation_cached"]["tokens_per_s"]["ours"]
             n = part["generation_no_cache"]["tokens_per_s"]["ours"]
@@ -896,9 +920,9 @@ def main() -> int:
             print(f"[{shape}] generation with cache, {rounds} rounds ...", flush=True)
             part["generation_cached"] = generation(shape, ours, hf, config, rounds, use_cache=True,
                                                    bandwidth=result["bandwidth"]["read_gb_per_s_all_threads"])
-            if m["native_bf16"]:
-                print(f"[{shape}] decoding with bf16 weights vs fp32 ...", flush=True)
-                part["decode_bf16"] = decode_precision(shape, ours, config, SHAPES[shape]["new_tokens"])
+            lows = ("bf16", "int8") if m["native_bf16"] else ("int8",)
+            print(f"[{shape}] decoding with {' / '.join(lows)} weights vs fp32 ...", flush=True)
+            part["decode_precision"] = decode_precision(shape, ours, config, SHAPES[shape]["new_tokens"], lows)
             if "nocache" not in skip and not (args.quick and big):
                 print(f"[{shape}] generation without cache ...", flush=True)
                 part["generation_no_cache"] = generation(shape, ours, hf, config, 1 if big else rounds,
@@ -982,12 +1006,14 @@ def main() -> int:
               f"{lc['final_gap']}; noise yardstick (perturbed fp32 vs fp32): max {lc['noise_max_gap']}, final "
               f"{lc['noise_final_gap']}")
     for shape, part in result["shapes"].items():
-        if "decode_bf16" in part:
-            d = part["decode_bf16"]
-            print(f"{shape} decode, bf16 weights vs fp32 (1 thread): {d['ms_per_token']['bf16']} vs "
-                  f"{d['ms_per_token']['fp32']} ms/token ({d['bf16_speedup']:.2f}x), max relative logit diff "
-                  f"{d['max_relative_logit_diff']}, greedy tokens equal: {d['greedy_tokens_equal']} "
-                  f"(first {d['equal_leading_tokens']} of {d['new_tokens'] + 1})")
+        d = part.get("decode_precision", {})
+        for name in ("bf16", "int8"):
+            if name in d:
+                e = d[name]
+                print(f"{shape} decode, {name} weights vs fp32 (1 thread): {d['ms_per_token'][name]} vs "
+                      f"{d['ms_per_token']['fp32']} ms/token ({e['speedup']:.2f}x), max relative logit diff "
+                      f"{e['max_relative_logit_diff']}, greedy tokens equal: {e['greedy_tokens_equal']} "
+                      f"(first {e['equal_leading_tokens']} of {d['new_tokens'] + 1})")
     for line in result["notes"]:
         print("note:", line)
     out = Path(args.out)

@@ -16,7 +16,9 @@ tokenizer, pretrains, chat-tunes (the app's default recipe, ``default_stage_conf
 - every bundled question and every rephrasing once more at the chat's default sampling settings,
   counting replies with U+FFFD and replies that ran to the token limit;
 - where the app decodes with bf16 weights (a CPU with native bf16, ``decode_weight_dtype``), turn 1
-  and the rephrasings again with fp32 weights: their hits, and whether the misses are the same.
+  and the rephrasings again with fp32 weights: their hits, and whether the misses are the same;
+- turn 1 and the rephrasings with the opt-in int8 decoding weights (``precision="int8"``), against
+  the default decoding: hits, and the questions whose miss appeared, went or changed.
 
 Targets: turn 1 >= 97%, turns 2 and 3 >= 95%, rephrasings >= 60%, no U+FFFD, at most 1% at the
 limit, both stages within 3 minutes on 2 cores (90 s where the CPU has native bf16).
@@ -137,6 +139,14 @@ def recipe(seed: int) -> dict:
                      "heldout_exact": fp32_held.hits,
                      "same_turn_1_misses": fp32_turn1.misses == report.misses,
                      "same_heldout_misses": fp32_held.misses == held.misses}
+    # the opt-in int8 decoding weights on the same questions: how far their answers move
+    int8_turn1 = answer_hit_rate(model, tokenizer, pairs, precision="int8")
+    int8_held = answer_hit_rate(model, tokenizer, rephrased, precision="int8")
+    int8 = {"turn_1_hits": int8_turn1.hits, "heldout_f1_hits": int8_held.close, "heldout_exact": int8_held.hits,
+            "same_turn_1_misses": int8_turn1.misses == report.misses,
+            "same_heldout_misses": int8_held.misses == held.misses,
+            "changed_misses": sorted({q for q, _, _ in set(int8_turn1.misses) ^ set(report.misses)}
+                                     | {q for q, _, _ in set(int8_held.misses) ^ set(held.misses)})}
     met = (report.rate >= 0.97 and min(turns[2].rate, turns[3].rate) >= 0.95 and held.close_rate >= 0.6
            and sampled["with_U+FFFD"] == 0 and sampled["ran_to_limit"] <= 0.01 * sampled["replies"])
     return {
@@ -154,6 +164,7 @@ def recipe(seed: int) -> dict:
         "sampled": sampled,
         "decode_weight_dtype": str(decode_dtype).removeprefix("torch."),
         "fp32_decoding": reference,
+        "int8_decoding": int8,  # against the app's default decoding above
         "eval_seconds": round(eval_seconds, 1),  # the app's evaluation, without the fp32 check
         "sample_misses": [{"question": q, "expected": a, "got": g} for q, a, g in report.misses[:5]],
         "sample_heldout_misses": [{"question": q, "expected": a, "got": g} for q, a, g in held.misses[:8]],
@@ -233,6 +244,11 @@ def main() -> int:
               f"; with fp32 weights instead: turn 1 {f['turn_1_hits']}/{r['questions']} exact, held-out "
               f"{f['heldout_f1_hits']} F1 / {f['heldout_exact']} exact, the same misses: turn 1 "
               f"{f['same_turn_1_misses']}, held-out {f['same_heldout_misses']}"))
+        q = r["int8_decoding"]
+        print(f"  with int8 weights (opt-in): turn 1 {q['turn_1_hits']}/{r['questions']} exact, held-out "
+              f"{q['heldout_f1_hits']} F1 / {q['heldout_exact']} exact; the same misses as the default: turn 1 "
+              f"{q['same_turn_1_misses']}, held-out {q['same_heldout_misses']}; questions whose miss changed: "
+              f"{q['changed_misses'] or 'none'}")
         for miss in r["sample_misses"]:
             print(f"    miss: {miss['question']} -> {miss['got']!r} (expected {miss['expected']!r})")
         for miss in r["sample_heldout_misses"]:
