@@ -389,6 +389,10 @@ def _use_model(args: argparse.Namespace, base_settings: Any = None) -> tuple[Any
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt 是空的 is empty")
     bench = wf.bench_from_loaded(wf.open_model(args.model), args.model)
+    device = bench.model.lm_head.weight.device
+    if settings.precision == "int8" and device.type != "cpu":
+        raise UsageError(f"--precision int8 只在 CPU 上可用 runs on a CPU only (the model is on {device.type}); "
+                         "use auto, fp32 or bf16")
     if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
         from .ui.app import App
 

@@ -180,6 +180,21 @@ def test_precision_flag_reaches_the_decoder(trained, capsys, monkeypatch):
     assert asked == ["int8", "int8"]
 
 
+def test_int8_on_a_model_off_the_cpu_is_a_usage_error(trained, capsys, monkeypatch):
+    from diyapp import workflow as wf
+
+    real = wf.bench_from_loaded
+
+    def elsewhere(*a):  # as if loaded onto a GPU ("meta": a device that is not the CPU)
+        bench = real(*a)
+        bench.model.to("meta")
+        return bench
+    monkeypatch.setattr(wf, "bench_from_loaded", elsewhere)
+    assert main(["chat", "--model", str(trained / "m.pt"), "--prompt", "你好", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CPU only" in err[0] and "Traceback" not in err[0]
+
+
 def test_chat_one_prompt_and_piped_lines(trained, capsys, monkeypatch):
     assert main(["chat", "--model", str(trained / "m.pt"), "--prompt", "你好", "--max-new-tokens", "5",
                  "--seed", "1"]) == 0
