@@ -28,7 +28,9 @@ checked to give the same logits) are measured side by side in one process:
   (``decode_weight_dtype``). Theirs: ``generate(min_new_tokens=n)`` with their default thread count
   and with one thread, in fp32 and, where ours decodes in bf16, also with their model cast to
   bf16; the ratio uses the fastest of theirs. One-token steps are reported against the bandwidth
-  bound of the bytes ours reads;
+  bound of the bytes ours reads. Ours with the opt-in int8 weights (``precision="int8"``) is timed
+  beside, in a row of its own (not the same precision as theirs, never the target's row), and our
+  decoder with bf16 and int8 weights is compared with fp32 weights (logits, greedy tokens);
 * our training step at the app's default dropout (0.1) against dropout 0 (attention dropout
   moves PyTorch's CPU attention off its fused kernel);
 * fp32 and bf16-autocast loss curves of our model over the same steps (a learnable synthetic
