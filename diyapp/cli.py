@@ -389,10 +389,12 @@ def _use_model(args: argparse.Namespace, base_settings: Any = None) -> tuple[Any
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt 是空的 is empty")
     bench = wf.bench_from_loaded(wf.open_model(args.model), args.model)
-    device = bench.model.lm_head.weight.device
-    if settings.precision == "int8" and device.type != "cpu":
-        raise UsageError(f"--precision int8 只在 CPU 上可用 runs on a CPU only (the model is on {device.type}); "
-                         "use auto, fp32 or bf16")
+    from .decoder import decode_weight_dtype
+
+    try:  # a precision this model cannot decode with (int8 off the CPU) is refused before any answer
+        decode_weight_dtype(bench.model, settings.precision)
+    except ValueError as err:
+        raise UsageError(f"--precision {settings.precision} 不能用于这个模型 cannot be used here: {err}") from None
     if args.prompt is None and sys.stdin.isatty() and sys.stdout.isatty():
         from .ui.app import App
 

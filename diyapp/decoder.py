@@ -60,7 +60,6 @@ class Int8Weight:
         weight = weight.detach().float()
         self.scales = (weight.abs().amax(dim=1).clamp_min(1e-30) / 127).to(torch.bfloat16)
         self.values = (weight / self.scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        self.dtype = torch.bfloat16  # what its products take and give
 
     @classmethod
     def fits(cls, weight: Tensor) -> bool:

@@ -13,6 +13,18 @@ from diyapp.decoder import Decoder, Int8Weight, decode_weight_dtype, packed_bf16
 from diyapp.device import cpu_supports_bf16
 
 
+def _last_step(model, low, ids):
+    """The logits of ``low`` (a Decoder) and of the model's own fp32 decoder for the last token of
+    ``ids``, each after the model's cached forward over the others; checks what ``low`` returns."""
+    with torch.inference_mode():
+        _, cache_a = model(ids[:, :-1], use_cache=True)
+        _, cache_b = model(ids[:, :-1], use_cache=True)
+        expected, _ = model.decoder()(ids[:, -1:], cache_a)
+        got, cache_b = low(ids[:, -1:], cache_b)
+    assert got.dtype == torch.float32 and cache_b[0][1] == ids.shape[1]
+    return got, expected
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch, pack_every_matrix):
     torch.manual_seed(6)
@@ -20,12 +32,7 @@ def test_bf16_weight_decoder_stays_close_to_fp32(tiny_config, batch, pack_every_
     ids = torch.randint(0, tiny_config.vocab_size, (batch, 8))
     low = Decoder(model, torch.bfloat16)
     assert low.head.dtype == torch.bfloat16 and low.embed.dtype == torch.float32
-    with torch.inference_mode():
-        _, cache_a = model(ids[:, :7], use_cache=True)
-        _, cache_b = model(ids[:, :7], use_cache=True)
-        expected, _ = model.decoder()(ids[:, 7:], cache_a)
-        got, cache_b = low(ids[:, 7:], cache_b)
-    assert got.dtype == torch.float32 and cache_b[0][1] == 8
+    got, expected = _last_step(model, low, ids)
     # bf16 keeps 8 significant bits: logits within 2% of their range
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     assert not torch.equal(got, expected)  # the weights really are rounded
@@ -61,12 +68,7 @@ def test_int8_weight_decoder_stays_close_to_fp32(tiny_config, batch):
     qkv, o, gate_up, down = low.layers[0]
     assert all(isinstance(w, Int8Weight) for w in (qkv, o, gate_up, low.head))
     assert down.dtype == torch.float32 and down.shape == (72, tiny_config.hidden_size)  # width 72: (in, out)
-    with torch.inference_mode():
-        _, cache_a = model(ids[:, :7], use_cache=True)
-        _, cache_b = model(ids[:, :7], use_cache=True)
-        expected, _ = model.decoder()(ids[:, 7:], cache_a)
-        got, cache_b = low(ids[:, 7:], cache_b)
-    assert got.dtype == torch.float32 and cache_b[0][1] == 8
+    got, expected = _last_step(model, low, ids)
     # 8-bit weights per row plus bf16 activations: logits within 2% of their range (0.3-0.4% seen)
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
     assert not torch.equal(got, expected)
