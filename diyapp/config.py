@@ -98,7 +98,7 @@ class DIYConfig:
 
 
 #: The weight precisions a one-token decoding step can use (``diyapp.decoder.decode_weight_dtype``).
-DECODE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+DECODE_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 #: Named model sizes offered by the app: the default, and a larger one (about 29M parameters).

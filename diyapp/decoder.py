@@ -5,8 +5,10 @@ token per row, what ``model(input_ids, past_key_values=cache, use_cache=True)`` 
 last position (up to float rounding), writing the same KV cache in place.
 
 :func:`decode_weight_dtype` says which dtype its matrices are stored in for a given ``precision``:
-bf16 where the CPU multiplies bf16 natively (a one-token step reads every weight once, so half the
-bytes is close to half the time), else the model's own dtype; int8 (:class:`Int8Weight`) when asked.
+a 16-bit format on a CPU of the class that multiplies bf16 natively (a one-token step reads every
+weight once, so half the bytes is close to half the time): fp16 in FBGEMM's packed layout
+(:class:`Fp16Weight`) where this PyTorch has it, else bf16; elsewhere the model's own dtype; bf16,
+fp16 or int8 (:class:`Int8Weight`) when asked.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +82,54 @@ class Int8Weight:
         return torch.ops.aten._weight_int8pack_mm(a.to(torch.bfloat16), self.values, self.scales)
 
 
+FP16_MAX = 65504.0
+
+
+class Fp16Weight:
+    """An ``(out, in)`` matrix as fp16 in FBGEMM's packed layout, multiplied from and into float32.
+
+    Half of float32's bytes, like bf16, with 11 significant bits instead of 8 (logits about ten
+    times closer to fp32's). FBGEMM converts each weight block to float32 as it streams it, so the
+    activations and the sums stay float32 and no conversion runs around the product; on the
+    2-core Xeon where this was measured (AMX, AVX-512 BF16) it reads the large preset's matrices
+    faster than oneDNN's packed bf16 (1.97 against 2.20 ms a step). Only for values fp16 holds, see
+    :meth:`fits`.
+    """
+
+    def __init__(self, weight: Tensor) -> None:
+        if not self.fits(weight):
+            raise ValueError(f"fp16 holds values up to {FP16_MAX:g}, this matrix has larger ones")
+        weight = weight.detach().float().contiguous()
+        self.shape = weight.shape
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+
+    @staticmethod
+    def fits(weight: Tensor) -> bool:
+        """Whether every value of ``weight`` is within fp16's range (FBGEMM would clip others)."""
+        return bool(weight.detach().abs().max() <= FP16_MAX)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 2
+
+    def product(self, a: Tensor) -> Tensor:
+        """``a @ matrix.T`` for ``a`` ``(rows, in)``, in float32."""
+        return torch.ops.quantized.linear_dynamic_fp16(a if a.dtype == torch.float32 else a.float(), self.packed)
+
+
+@functools.lru_cache(maxsize=None)
+def packed_fp16_available() -> bool:
+    """True when this PyTorch has FBGEMM's packed fp16 product and it computes ``F.linear`` of the
+    fp16-rounded weights."""
+    try:
+        weight = torch.linspace(-2, 2, 48).reshape(3, 16)
+        a = torch.linspace(-1, 1, 32).reshape(2, 16)
+        got = Fp16Weight(weight).product(a)
+        return bool(torch.allclose(got, F.linear(a, weight.half().float()), rtol=1e-4, atol=1e-5))
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):  # absent, or changed
+        return False
+
+
 #: A matrix this large (elements) is packed even when all of them fit in the cache: below it, oneDNN's
 #: ~12 us a call costs more than reading half the bytes saves (default model: only the head).
 PACK_MIN_ELEMENTS = 1 << 20
@@ -132,10 +183,12 @@ def packed_bf16_available() -> bool:
 def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtype:
     """The dtype a :class:`Decoder` of ``model`` stores its matrices in for ``precision``.
 
-    "fp32": the model's own dtype (the exact reference, what ``model(...)`` computes); "bf16":
-    bfloat16; "auto": bfloat16 for a float32 model on a CPU with native bf16 (oneDNN's packed
-    product; ``DIYAPP_CPU_BF16=0`` turns it off), else the model's own dtype. Where bf16 is emulated
-    it is many times slower, and on a GPU the products are too small for the bytes to matter.
+    "fp32": the model's own dtype (the exact reference, what ``model(...)`` computes); "bf16" or
+    "fp16": that 16-bit format; "auto": a 16-bit format for a float32 model on a CPU with native
+    bf16 (``DIYAPP_CPU_BF16=0`` turns it off): fp16 (FBGEMM's packed product, the closer and the
+    faster of the two there), else bf16 (oneDNN's packed product), else the model's own dtype. On a
+    CPU without native bf16 the 16-bit products were not measured faster, and where bf16 is
+    emulated it is many times slower; on a GPU the products are too small for the bytes to matter.
     "int8" (CPU only, never picked by "auto"): int8 weights (:class:`Int8Weight`), a quarter of
     float32's bytes, which one conversation decodes fastest with on any CPU with AVX2 or better;
     the answers can differ slightly from the model's own.
@@ -147,12 +200,17 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
         if device.type != "cpu":
             raise ValueError(f"int8 decoding runs on a CPU only (this model is on {device.type})")
         return torch.int8
-    # The CPU's answer, as for training (autocast_dtype checks the name); "auto" also needs a float32
-    # model on a CPU and the packed product.
-    low = autocast_dtype("cpu", precision)
-    if precision == "auto" and not (device.type == "cpu" and own == torch.float32 and packed_bf16_available()):
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        return autocast_dtype("cpu", precision) or own  # "bf16" or "fp32" (the model's own)
+    # The CPU's answer, as for training (autocast_dtype checks the name), for a float32 model on a
+    # CPU that has one of the packed products.
+    if not (device.type == "cpu" and own == torch.float32 and autocast_dtype("cpu", "auto")):
         return own
-    return low or own
+    if packed_fp16_available():
+        return torch.float16
+    return torch.bfloat16 if packed_bf16_available() else own
 
 
 def _rms_normed(x: Tensor, eps: float) -> Tensor:
@@ -169,42 +227,47 @@ class Decoder:
     of matrix-vector products whose cost on a CPU is reading the weights plus a few microseconds per
     operation, so this keeps both small: every weight is stored ``(in, out)`` (read about twice as
     fast as ``(out, in)`` by a one-row product), each RMSNorm scale is folded into the matrix after
-    it, the rotary embedding of each position is one precomputed ``head_dim x head_dim`` matrix, and
-    the residual additions ride on ``addmm``.
+    it, the rotary embedding of each position is one precomputed ``head_dim x head_dim`` matrix, the
+    residual additions ride on ``addmm``, and the product of each matrix is picked once, when the
+    decoder is built, so a step runs no conversion or check it does not need.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
         config = model.config
-        # The matrices may be stored in a lower precision (bf16, int8) than the model: a one-token
-        # step reads every weight once, so half the bytes is up to half the time where bf16 is
-        # native. Their inputs and outputs are then rounded to bf16 too, and the SwiGLU between a bf16
-        # gate/up product and the down product runs in bf16; everything else (residual stream,
-        # norms, rotary, attention, the returned logits) stays in the model's dtype.
-        weight_dtype = dtype or model.lm_head.weight.dtype
+        # The matrices may be stored in a lower precision (bf16, fp16, int8) than the model: a
+        # one-token step reads every weight once, so half the bytes is up to half the time. With
+        # bf16 or int8 their inputs and outputs are rounded to bf16 too, and the SwiGLU between a
+        # bf16 gate/up product and the down product runs in bf16 (packed fp16 takes and gives
+        # float32); everything else (residual stream, norms, rotary, attention, the returned
+        # logits) stays in the model's dtype.
+        own = model.lm_head.weight.dtype
+        weight_dtype = dtype or own
         self.nh, self.nkv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.inter, self.max_seq_len = config.intermediate_size, config.max_seq_len
         # rsqrt(sum x^2 + d * eps) = rsqrt(mean x^2 + eps) / sqrt(d): the sqrt(d) goes into the weights
         self.eps = config.hidden_size * config.rms_norm_eps
         root = math.sqrt(config.hidden_size)
 
-        # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm); in bf16 on a CPU
-        # packed for oneDNN (see _packed_linear; small cache-resident ones stay as in fp32, see
-        # packs), elsewhere (out, in) (read fastest by F.linear); int8 ones as Int8Weight.
+        # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm); on a CPU, fp16
+        # packed by FBGEMM (Fp16Weight) and bf16 packed by oneDNN (see _packed_linear), small
+        # cache-resident ones staying as in fp32 (see packs); otherwise (a GPU, or no packed
+        # product) (out, in) in the low dtype (read fastest by F.linear); int8 ones as Int8Weight.
+        cpu = model.lm_head.weight.device.type == "cpu"
         int8 = weight_dtype == torch.int8
-        low = not int8 and weight_dtype != model.lm_head.weight.dtype
-        self.packed = (low and weight_dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu"
-                       and packed_bf16_available())
-        self.transposed = low and not self.packed  # every matrix (out, in) in weight_dtype, for F.linear
+        low = not int8 and weight_dtype != own
+        fp16 = low and weight_dtype == torch.float16 and cpu and packed_fp16_available()
+        self.packed = low and weight_dtype == torch.bfloat16 and cpu and packed_bf16_available()
+        self.transposed = low and not (self.packed or fp16)  # every matrix (out, in), for F.linear
 
         total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
 
-        def store(weight: Tensor) -> "Tensor | Int8Weight":
+        def store(weight: Tensor) -> "Tensor | Int8Weight | Fp16Weight":
             if int8:  # a width the kernel cannot take stays as in the model's dtype
                 return Int8Weight(weight) if Int8Weight.fits(weight) else weight.t().contiguous()
-            if self.packed:
-                if packs(weight.numel(), total):
-                    return _pack_bf16(weight.to(weight_dtype).contiguous())
-                return weight.t().contiguous()
+            if fp16 or self.packed:
+                if not packs(weight.numel(), total) or fp16 and not Fp16Weight.fits(weight):
+                    return weight.t().contiguous()
+                return Fp16Weight(weight) if fp16 else _pack_bf16(weight.to(weight_dtype).contiguous())
             return weight.to(weight_dtype).contiguous() if low else weight.t().contiguous()
 
         def fold(norm: nn.Module, linear: nn.Linear) -> Tensor:
@@ -227,6 +290,10 @@ class Decoder:
             rotation[:, idx, idx + half] = sin[:, half:]
             self.rotation = rotation.to(self.embed.dtype)
         self.weight_dtype = weight_dtype
+        # (qkv product, o addition, gate/up product, down addition) of each layer, and the head's
+        self._steps = [(self._product(qkv), self._add_product(o), self._product(gate_up), self._add_product(down))
+                       for qkv, o, gate_up, down in self.layers]
+        self._head = self._product(self.head)
 
     def __call__(self, input_ids: Tensor, past_key_values: KVCache) -> tuple[Tensor, KVCache]:
         pos = past_key_values[0][1]
@@ -236,10 +303,12 @@ class Decoder:
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = self.embed[input_ids[:, -1]]
-        product, add_product = self._product, self._add_product
-        for (qkv_t, o_t, gate_up_t, down_t), (cache, _) in zip(self.layers, past_key_values):
-            qkv = product(_rms_normed(x, eps), qkv_t)
-            qkv = qkv.to(x.dtype).view(batch, -1, head_dim)
+        dtype = x.dtype
+        for (qkv_of, add_o, gate_up_of, add_down), (cache, _) in zip(self._steps, past_key_values):
+            qkv = qkv_of(_rms_normed(x, eps))
+            if qkv.dtype != dtype:
+                qkv = qkv.to(dtype)
+            qkv = qkv.view(batch, -1, head_dim)
             # every head rotated in one 2-D product (the values' rotation is not used): cheaper than
             # a batched product over the query and key heads alone
             qk = torch.mm(qkv.view(-1, head_dim), rotation).view(batch, -1, head_dim)
@@ -247,28 +316,37 @@ class Decoder:
             k_cache.select(2, pos).copy_(qk[:, nh:nh + nkv])
             v_cache.select(2, pos).copy_(qkv[:, nh + nkv:])
             # grouped-query attention without repeating keys: each kv head's queries form the rows
-            y = F.scaled_dot_product_attention(qk[:, :nh].view(batch, nkv, nh // nkv, head_dim).to(k_cache.dtype),
-                                               k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end))
-            x = add_product(x, y.reshape(batch, nh * head_dim), o_t)
+            q = qk[:, :nh].view(batch, nkv, nh // nkv, head_dim)
+            if q.dtype != k_cache.dtype:
+                q = q.to(k_cache.dtype)
+            y = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, end), v_cache.narrow(2, 0, end))
+            x = add_o(x, y.reshape(batch, nh * head_dim))
             # in the product's dtype: with bf16 weights the activation is rounded to bf16 for the
             # next product anyway, and two conversions a layer are saved
-            gate_up = product(_rms_normed(x, eps), gate_up_t)
-            x = add_product(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_t)
-        logits = product(_rms_normed(x, eps), self.head).to(x.dtype)
+            gate_up = gate_up_of(_rms_normed(x, eps))
+            x = add_down(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]))
+        logits = self._head(_rms_normed(x, eps))
+        if logits.dtype != dtype:
+            logits = logits.to(dtype)
         return logits, [(cache, end) for cache, _ in past_key_values]
 
-    def _product(self, a: Tensor, w: Tensor) -> Tensor:
-        """``a @ w`` for a matrix as stored, ``a`` converted to its dtype; the result in that dtype."""
-        if isinstance(w, Int8Weight):
-            return w.product(a)
+    def _product(self, w: "Tensor | Int8Weight | Fp16Weight") -> Callable[[Tensor], Tensor]:
+        """``a -> a @ w`` for a matrix as stored, ``a`` converted to the dtype it multiplies in; the
+        result in that dtype (float32 for Fp16Weight)."""
+        if isinstance(w, (Int8Weight, Fp16Weight)):
+            return w.product
+        dtype = w.dtype
         if w.is_mkldnn:
-            return _packed_linear(a.to(w.dtype), w)
+            return lambda a: _packed_linear(a if a.dtype == dtype else a.to(dtype), w)
         if self.transposed:
-            return F.linear(a.to(w.dtype), w)
-        return torch.mm(a.to(w.dtype), w)
+            return lambda a: F.linear(a if a.dtype == dtype else a.to(dtype), w)
+        return lambda a: torch.mm(a if a.dtype == dtype else a.to(dtype), w)
 
-    def _add_product(self, x: Tensor, a: Tensor, w: Tensor) -> Tensor:
-        """``x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it."""
-        if isinstance(w, Tensor) and not (w.is_mkldnn or self.transposed) and a.dtype == w.dtype == x.dtype:
-            return torch.addmm(x, a, w)
-        return x.add_(self._product(a, w))  # x is this step's own tensor (a copied row, then sums)
+    def _add_product(self, w: "Tensor | Int8Weight | Fp16Weight") -> Callable[[Tensor, Tensor], Tensor]:
+        """``(x, a) -> x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it, else
+        added in place (``x`` is the step's own tensor: a copied row, then sums)."""
+        product = self._product(w)
+        if isinstance(w, Tensor) and not (w.is_mkldnn or self.transposed):
+            dtype = w.dtype
+            return lambda x, a: (torch.addmm(x, a, w) if a.dtype == dtype == x.dtype else x.add_(product(a)))
+        return lambda x, a: x.add_(product(a))

@@ -74,7 +74,7 @@ def test_bare_command_without_a_terminal_explains_and_exits_2(tmp_path):
     ["bogus"], ["train", "--lr", "5"], ["train", "--lr", "abc"], ["train", "--pretrain-epochs", "-1"],
     ["train", "--heads", "3"], ["train", "--preset", "enormous"], ["chat"], ["export", "--model", "x.pt"],
     ["chat", "--model", "x.pt", "--prompt", "  "], ["chat", "--model", "x.pt", "--temperature", "-1"],
-    ["train", "--format", "yaml"], ["chat", "--model", "x.pt", "--precision", "fp16"],
+    ["train", "--format", "yaml"], ["chat", "--model", "x.pt", "--precision", "int4"],
 ])
 def test_usage_errors_exit_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

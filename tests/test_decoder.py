@@ -1,5 +1,5 @@
-"""The one-token Decoder with weights stored in bf16 or int8 against the same decoder in fp32, and
-when generate decodes with bf16 weights."""
+"""The one-token Decoder with weights stored in bf16, fp16 or int8 against the same decoder in fp32,
+and which precision generate decodes with."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import dataclasses
 
 import pytest
 import torch
+from torch import Tensor
 
 from diyapp import DIYForCausalLM, decoder, generate
-from diyapp.decoder import Decoder, Int8Weight, decode_weight_dtype, packed_bf16_available
+from diyapp.decoder import (Decoder, Fp16Weight, Int8Weight, decode_weight_dtype, packed_bf16_available,
+                            packed_fp16_available)
 from diyapp.device import cpu_supports_bf16
 
 
@@ -115,17 +117,96 @@ def test_small_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypat
 def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection):
     assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
     assert decode_weight_dtype(tiny_model, "bf16") is torch.bfloat16
-    native = cpu_supports_bf16() and packed_bf16_available()
-    assert decode_weight_dtype(tiny_model, "auto") is (torch.bfloat16 if native else torch.float32)
+    assert decode_weight_dtype(tiny_model, "fp16") is torch.float16
+    native = cpu_supports_bf16()
+    expected = torch.float32
+    if native and packed_fp16_available():
+        expected = torch.float16
+    elif native and packed_bf16_available():
+        expected = torch.bfloat16
+    assert decode_weight_dtype(tiny_model, "auto") is expected
     monkeypatch.setenv("DIYAPP_CPU_BF16", "0")
     cpu_supports_bf16.cache_clear()
     assert decode_weight_dtype(tiny_model, "auto") is torch.float32
     assert decode_weight_dtype(tiny_model.to(torch.bfloat16), "auto") is torch.bfloat16  # its own dtype
     assert decode_weight_dtype(tiny_model, "int8") is torch.int8  # asked for only, never "auto"
     with pytest.raises(ValueError, match="precision"):
-        decode_weight_dtype(tiny_model, "fp16")
+        decode_weight_dtype(tiny_model, "int4")
     with pytest.raises(ValueError, match="CPU only"):
         decode_weight_dtype(tiny_model.to("meta"), "int8")
+
+
+def test_fp16_weights_multiply_as_f_linear_of_the_rounded_matrix():
+    if not packed_fp16_available():
+        pytest.skip("this PyTorch has no packed fp16 product")
+    torch.manual_seed(3)
+    weight, a = torch.randn(40, 24), torch.randn(3, 24)
+    w = Fp16Weight(weight)
+    assert w.nbytes == 40 * 24 * 2 and w.shape == (40, 24)
+    got = w.product(a)
+    assert got.dtype == torch.float32 and got.shape == (3, 40)
+    torch.testing.assert_close(got, a @ weight.half().float().t(), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, a @ weight.t())  # the weights really are rounded to fp16
+    torch.testing.assert_close(w.product(a.bfloat16()), a.bfloat16().float() @ weight.half().float().t())
+    huge = weight.clone()
+    huge[0, 0] = 70000.0  # beyond fp16: FBGEMM would clip it, so such a matrix is refused
+    assert not Fp16Weight.fits(huge)
+    with pytest.raises(ValueError, match="fp16"):
+        Fp16Weight(huge)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fp16_weight_decoder_stays_closer_to_fp32_than_bf16(tiny_config, batch, pack_every_matrix):
+    """Every matrix packed in fp16 (where this PyTorch has the product, else plain fp16 (out, in)
+    matrices for F.linear): the logits within 0.5% of fp32's range, and closer than bf16's."""
+    torch.manual_seed(6)
+    model = DIYForCausalLM(dataclasses.replace(tiny_config, num_kv_heads=1)).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (batch, 8))
+    low = Decoder(model, torch.float16)
+    if packed_fp16_available():
+        assert not low.transposed
+        assert all(isinstance(w, Fp16Weight) for layer in low.layers for w in layer) and isinstance(low.head, Fp16Weight)
+    else:
+        assert low.transposed and low.head.dtype == torch.float16
+    got, expected = _last_step(model, low, ids)
+    bf16, _ = _last_step(model, Decoder(model, torch.bfloat16), ids)
+    assert (got - expected).abs().max() <= 0.005 * expected.abs().max()
+    assert 0 < (got - expected).abs().max() < (bf16 - expected).abs().max()
+
+
+def test_fp16_keeps_a_matrix_fp16_cannot_hold_in_fp32(tiny_model, pack_every_matrix):
+    if not packed_fp16_available():
+        pytest.skip("this PyTorch has no packed fp16 product")
+    with torch.no_grad():
+        tiny_model.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e5
+    low = Decoder(tiny_model, torch.float16)
+    qkv, o, gate_up, down = low.layers[0]
+    assert isinstance(qkv, Fp16Weight) and isinstance(down, Fp16Weight)
+    assert o.dtype == torch.float32 and o[0, 0] == 1e5  # (in, out), as in fp32
+    got, expected = _last_step(tiny_model, low, torch.tensor([[3, 4, 5]]))
+    assert (got - expected).abs().max() <= 0.005 * expected.abs().max()
+
+
+def test_small_fp16_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypatch):
+    """The same rule as for packed bf16 (packs): FBGEMM's call costs more than half the bytes save
+    on a small matrix the cache keeps."""
+    if not packed_fp16_available():
+        pytest.skip("this PyTorch has no packed fp16 product")
+    monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(decoder, "PACK_MIN_ELEMENTS", tiny_model.lm_head.weight.numel())
+    low = Decoder(tiny_model, torch.float16)
+    assert isinstance(low.head, Fp16Weight)
+    model_matrices = [m.weight for layer in tiny_model.model.layers for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear)]
+    stored = [w for layer in low.layers for w in layer]
+    sizes = [m.numel() for m in model_matrices]
+    assert len(stored) == len(sizes) and min(sizes) < decoder.PACK_MIN_ELEMENTS
+    for w in stored:
+        if isinstance(w, Tensor):  # kept as in fp32, (in, out)
+            assert w.dtype == torch.float32 and w.numel() < decoder.PACK_MIN_ELEMENTS
+        else:
+            assert w.shape[0] * w.shape[1] >= decoder.PACK_MIN_ELEMENTS
+    assert any(isinstance(w, Tensor) for w in stored)
 
 
 def _trained_on_a_rule(config, steps=150):
@@ -145,16 +226,17 @@ def _trained_on_a_rule(config, steps=150):
     return model.eval()
 
 
-def test_bf16_decoding_gives_a_trained_models_greedy_tokens(tiny_config, pack_every_matrix):
-    """Where the model is sure of the next token (trained on a rule), bf16 decoding weights change
+def test_16_bit_decoding_gives_a_trained_models_greedy_tokens(tiny_config, pack_every_matrix):
+    """Where the model is sure of the next token (trained on a rule), bf16 or fp16 decoding weights change
     no greedy token: the same 40 tokens as fp32, and they follow the rule."""
     model = _trained_on_a_rule(tiny_config)
     prompt = torch.tensor([[5, 38]])
     fp32 = generate(model, prompt, 40, temperature=0, precision="fp32")
     bf16 = generate(model, prompt, 40, temperature=0, precision="bf16")
+    fp16 = generate(model, prompt, 40, temperature=0, precision="fp16")
     rule = [(7 * a + 3) % tiny_config.vocab_size for a in fp32[0, 1:-1].tolist()]
     assert sum(a == b for a, b in zip(rule, fp32[0, 2:].tolist())) >= 36  # learned: confident tokens
-    assert torch.equal(bf16, fp32)
+    assert torch.equal(bf16, fp32) and torch.equal(fp16, fp32)
 
 
 def test_int8_decoding_gives_a_trained_models_greedy_tokens(tiny_config):
@@ -189,13 +271,33 @@ def test_the_kept_decoder_follows_the_asked_dtype(tiny_model):
     assert tiny_model.decoder() is not own and tiny_model.decoder(torch.bfloat16) is not low
 
 
-def test_without_the_packed_product_auto_decodes_in_the_models_dtype(tiny_model, monkeypatch):
-    """A PyTorch without oneDNN's packed bf16 product (absent, or its signature changed): no packed
-    product, "auto" keeps fp32, and an explicit bf16 decoder stores plain bf16 matrices."""
-    def missing(*args):
-        raise TypeError("no such op")
+def _missing(*args):
+    raise TypeError("no such op")
 
-    monkeypatch.setattr(decoder, "_pack_bf16", missing)
+
+@pytest.fixture
+def without_packed_fp16(monkeypatch):
+    """A PyTorch without FBGEMM's packed fp16 product (absent, or its signature changed)."""
+    monkeypatch.setattr(Fp16Weight, "__init__", _missing)
+    decoder.packed_fp16_available.cache_clear()
+    yield
+    decoder.packed_fp16_available.cache_clear()
+
+
+def test_without_packed_fp16_auto_takes_packed_bf16(tiny_model, without_packed_fp16, fresh_detection):
+    assert decoder.packed_fp16_available() is False
+    native = cpu_supports_bf16() and packed_bf16_available()
+    assert decode_weight_dtype(tiny_model, "auto") is (torch.bfloat16 if native else torch.float32)
+    low = Decoder(tiny_model, torch.float16)  # asked for: plain fp16 (out, in) matrices for F.linear
+    assert low.transposed and low.head.dtype == torch.float16 and low.head.shape == tiny_model.lm_head.weight.shape
+    got, expected = _last_step(tiny_model, low, torch.tensor([[3, 4, 5]]))
+    assert (got - expected).abs().max() <= 0.005 * expected.abs().max()
+
+
+def test_without_the_packed_products_auto_decodes_in_the_models_dtype(tiny_model, monkeypatch, without_packed_fp16):
+    """A PyTorch with neither packed product: "auto" keeps fp32, and an explicit bf16 decoder stores
+    plain bf16 matrices."""
+    monkeypatch.setattr(decoder, "_pack_bf16", _missing)
     decoder.packed_bf16_available.cache_clear()
     try:
         assert decoder.packed_bf16_available() is False

@@ -87,7 +87,7 @@ def test_cli_refusals_are_one_bilingual_line(tmp_path, monkeypatch, capsys, argv
     ("set top_k=-2", "must be a positive integer or none", "top_k"),
     ("set repetition_penalty 0", "must be positive", "repetition_penalty"),
     ("set colour=blue", "unknown setting 'colour'", "colour"),
-    ("set precision=fp16", "must be one of auto, fp32, bf16, int8 (got 'fp16')", "precision"),
+    ("set precision=fp8", "must be one of auto, fp32, bf16, fp16, int8 (got 'fp8')", "precision"),
 ])
 def test_chat_set_refusals_are_bilingual(command, english, named):
     """What the chat loop (and piped chat) print for a bad ``set``: the settings stay as they were."""

@@ -145,8 +145,10 @@ def test_set_changes_settings_and_reports_bad_ones():
     assert len(problems) == 4 and settings.temperature == 0.7
     settings, problems = chat_loop.apply_settings(settings, "precision=INT8")
     assert settings.precision == "int8" and not problems
+    settings, problems = chat_loop.apply_settings(settings, "precision=fp8")
+    assert settings.precision == "int8" and len(problems) == 1 and "auto, fp32, bf16, fp16, int8" in problems[0]
     settings, problems = chat_loop.apply_settings(settings, "precision=fp16")
-    assert settings.precision == "int8" and len(problems) == 1 and "auto, fp32, bf16, int8" in problems[0]
+    assert settings.precision == "fp16" and not problems
 
 
 class FakeSession:
