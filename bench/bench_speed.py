@@ -24,13 +24,14 @@ checked to give the same logits) are measured side by side in one process:
 * the AdamW implementations (for-loop, foreach, fused) on our model;
 * generation tokens/s at batch 1 (16-token prompt, greedy; 100 new tokens for A, 200 for C), with
   and without the KV cache. Ours: the app's ``generate``, which decodes with one thread or all
-  (whichever its timed steps show faster) and, where the CPU runs bf16 natively, with bf16 weights
-  (``decode_weight_dtype``). Theirs: ``generate(min_new_tokens=n)`` with their default thread count
-  and with one thread, in fp32 and, where ours decodes in bf16, also with their model cast to
-  bf16; the ratio uses the fastest of theirs. One-token steps are reported against the bandwidth
-  bound of the bytes ours reads. Ours with the opt-in int8 weights (``precision="int8"``) is timed
-  beside, in a row of its own (not the same precision as theirs, never the target's row), and our
-  decoder with bf16 and int8 weights is compared with fp32 weights (logits, greedy tokens);
+  (whichever its timed steps show faster) and, where the CPU runs bf16 natively, with 16-bit
+  weights (``decode_weight_dtype``: packed fp16, or packed bf16 without FBGEMM). Theirs:
+  ``generate(min_new_tokens=n)`` with their default thread count and with one thread, in fp32
+  and, where ours decodes with 16-bit weights, also with their model cast to bf16 and to fp16; the
+  ratio uses the fastest of theirs. One-token steps are reported against the bandwidth bound of the
+  bytes ours reads. Ours with the opt-in int8 weights (``precision="int8"``) is timed beside, in a
+  row of its own (not the same precision as theirs, never the target's row), and our decoder with
+  bf16, fp16 and int8 weights is compared with fp32 weights (logits, greedy tokens);
 * our training step at the app's default dropout (0.1) against dropout 0 (attention dropout
   moves PyTorch's CPU attention off its fused kernel);
 * fp32 and bf16-autocast loss curves of our model over the same steps (a learnable synthetic
@@ -489,11 +490,12 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     if threads > 1:
         runs["theirs_1_thread"] = theirs(hf, 1, "theirs_1_thread")
     low = decode_weight_dtype(ours) if use_cache else torch.float32
-    if low != torch.float32:  # ours decodes with bf16 weights here: theirs in bf16 too, fairly
-        hf_low = copy.deepcopy(hf).to(low).eval()
-        runs["theirs_bf16"] = theirs(hf_low, threads, "theirs_bf16")
-        if threads > 1:
-            runs["theirs_bf16_1_thread"] = theirs(hf_low, 1, "theirs_bf16_1_thread")
+    if low != torch.float32:  # ours decodes with 16-bit weights here: theirs in bf16 and in fp16 too, fairly
+        for half, name in ((torch.bfloat16, "theirs_bf16"), (torch.float16, "theirs_fp16")):
+            hf_low = copy.deepcopy(hf).to(half).eval()
+            runs[name] = theirs(hf_low, threads, name)
+            if threads > 1:
+                runs[f"{name}_1_thread"] = theirs(hf_low, 1, f"{name}_1_thread")
     ours.eval()
     hf.eval()
     load = CpuLoad()
@@ -532,13 +534,14 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
 
 def decoder_weight_bytes(model, dtype) -> int:
     """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, stored in ``dtype``
-    (``decode_weight_dtype``: bf16 where the CPU runs it natively; int8 with its scales), and one
-    row of the embedding."""
-    from diyapp.decoder import Int8Weight
+    (``decode_weight_dtype``: fp16 or bf16 where the CPU runs bf16 natively; int8 with its scales),
+    and one row of the embedding."""
+    from diyapp.decoder import Fp16Weight, Int8Weight
 
     decoder = model.decoder(dtype)
     matrices = [w for layer in decoder.layers for w in layer] + [decoder.head]
-    return (sum(w.nbytes if isinstance(w, Int8Weight) else w.numel() * w.element_size() for w in matrices)
+    return (sum(w.nbytes if isinstance(w, (Int8Weight, Fp16Weight)) else w.numel() * w.element_size()
+                for w in matrices)
             + decoder.embed[0].numel() * decoder.embed.element_size())
 
 
@@ -570,13 +573,13 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def decode_precision(shape: str, ours, config, new: int, lows: tuple[str, ...]) -> dict[str, Any]:
     """Our one-token decoder with fp32 weights against the same with each of ``lows`` ("bf16",
-    "int8") weights (1 thread, greedy, the bench prompt), alternating: ms/token, the largest logit
+    "fp16", "int8") weights (1 thread, greedy, the bench prompt), alternating: ms/token, the largest logit
     difference on the fp32 decoder's own tokens, equal greedy tokens."""
     import torch
 
     from diyapp.decoder import Decoder
 
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "int8": torch.int8}
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(3))
     decoders = {name: Decoder(ours, dtypes[name]) for name in ("fp32", *lows)}
     times: dict[str, list[float]] = {k: [] for k in decoders}
@@ -922,7 +925,7 @@ def main() -> int:
             print(f"[{shape}] generation with cache, {rounds} rounds ...", flush=True)
             part["generation_cached"] = generation(shape, ours, hf, config, rounds, use_cache=True,
                                                    bandwidth=result["bandwidth"]["read_gb_per_s_all_threads"])
-            lows = ("bf16", "int8") if m["native_bf16"] else ("int8",)
+            lows = ("bf16", "fp16", "int8") if m["native_bf16"] else ("int8",)
             print(f"[{shape}] decoding with {' / '.join(lows)} weights vs fp32 ...", flush=True)
             part["decode_precision"] = decode_precision(shape, ours, config, SHAPES[shape]["new_tokens"], lows)
             if "nocache" not in skip and not (args.quick and big):
@@ -1009,7 +1012,7 @@ def main() -> int:
               f"{lc['noise_final_gap']}")
     for shape, part in result["shapes"].items():
         d = part.get("decode_precision", {})
-        for name in ("bf16", "int8"):
+        for name in ("bf16", "fp16", "int8"):
             if name in d:
                 e = d[name]
                 print(f"{shape} decode, {name} weights vs fp32 (1 thread): {d['ms_per_token'][name]} vs "

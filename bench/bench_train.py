@@ -15,8 +15,9 @@ tokenizer, pretrains, chat-tunes (the app's default recipe, ``default_stage_conf
   match the trained answer with F1 >= 0.8, punctuation ignored (exact matches reported too);
 - every bundled question and every rephrasing once more at the chat's default sampling settings,
   counting replies with U+FFFD and replies that ran to the token limit;
-- where the app decodes with bf16 weights (a CPU with native bf16, ``decode_weight_dtype``), turn 1
-  and the rephrasings again with fp32 weights: their hits, and whether the misses are the same;
+- where the app decodes with 16-bit weights (fp16, or bf16 without FBGEMM, on a CPU with native
+  bf16: ``decode_weight_dtype``), turn 1 and the rephrasings again with fp32 weights: their hits,
+  and whether the misses are the same;
 - turn 1 and the rephrasings with the opt-in int8 decoding weights (``precision="int8"``), against
   the default decoding: hits, and the questions whose miss appeared, went or changed.
 
@@ -132,7 +133,7 @@ def recipe(seed: int) -> dict:
     eval_seconds = time.perf_counter() - eval_started
     decode_dtype = decode_weight_dtype(model)
     reference = None
-    if decode_dtype != torch.float32:  # the app decoded in bf16 above: the same questions with fp32 weights
+    if decode_dtype != torch.float32:  # the app decoded in 16 bits above: the same questions with fp32 weights
         fp32_turn1 = answer_hit_rate(model, tokenizer, pairs, precision="fp32")
         fp32_held = answer_hit_rate(model, tokenizer, rephrased, precision="fp32")
         reference = {"turn_1_hits": fp32_turn1.hits, "heldout_f1_hits": fp32_held.close,
