@@ -273,3 +273,27 @@ def test_heldout_rephrasings_are_never_trained_on():
         assert letters_only(item["question"]).lower() not in trained, item
         assert item["source"] in answers          # each rephrases a bundled question with a trained answer
         assert letters_only(item["question"]) != letters_only(item["source"])
+
+
+def test_the_one_row_loop_check_agrees_with_the_batched_one():
+    """row_loops (plain ints, used after each token of a reply) and looping (tensors, for batches)
+    give the same verdict on random endings and on endings with a planted loop of every period."""
+    from diyapp.generation import LOOP_MAX_PERIOD, row_loops
+
+    rng = torch.Generator().manual_seed(5)
+    cases = []
+    for n in (0, 1, 5, 15, 16, 40, 97, 130):
+        cases.append(torch.randint(0, 4, (n,), generator=rng).tolist())  # few symbols: chance repeats
+    for period in range(1, LOOP_MAX_PERIOD + 2):
+        unit = torch.randint(0, 50, (period,), generator=rng).tolist()
+        for repeats in (2, 3, 4):
+            for lead in (0, 7):
+                tail = (unit * (repeats + 1))[: period * repeats + (period // 2)]
+                cases.append(torch.randint(50, 99, (lead,), generator=rng).tolist() + tail)
+    verdicts = set()
+    for tokens in cases:
+        seq = torch.tensor([[1, 2] + tokens])
+        expected = bool(looping(seq, 2, seq.shape[1])[0])
+        assert row_loops(tokens) is expected, tokens
+        verdicts.add(expected)
+    assert verdicts == {True, False}
