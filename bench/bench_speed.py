@@ -31,7 +31,9 @@ checked to give the same logits) are measured side by side in one process:
   ratio uses the fastest of theirs. One-token steps are reported against the bandwidth bound of the
   bytes ours reads. Ours with the opt-in int8 weights (``precision="int8"``) is timed beside, in a
   row of its own (not the same precision as theirs, never the target's row), and our decoder with
-  bf16, fp16 and int8 weights is compared with fp32 weights (logits, greedy tokens);
+  bf16, fp16 and int8 weights is compared with fp32 weights (logits, greedy tokens). A sampled row
+  times a chat reply's path (top-k 20, top-p 0.9, temperature 1; ours with the chat's UTF-8 guard
+  and loop stop over a made-up vocabulary of the same size) against their sampled ``generate``;
 * our training step at the app's default dropout (0.1) against dropout 0 (attention dropout
   moves PyTorch's CPU attention off its fused kernel);
 * fp32 and bf16-autocast loss curves of our model over the same steps (a learnable synthetic
@@ -484,9 +486,23 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
             outputs[key] = generate(ours, prompt, new, temperature=0, use_cache=use_cache, precision=precision)
         return run
 
+    # A chat reply's path: sampled (top-k 20, top-p 0.9 as the chat's defaults; temperature 1 so a
+    # random model does not fall into a loop and stop early), with the UTF-8 guard and the loop stop
+    # the chat runs after every token; theirs sampled with the same top-k and top-p.
+    guard = synthetic_utf8_guard(config.vocab_size)
+
+    def ours_sampled() -> None:
+        outputs["sampled_ours"] = generate(ours, prompt, new, temperature=1.0, top_k=20, top_p=0.9, seed=5,
+                                           guard=guard, stop_loops=True, on_token=lambda token: None)
+
+    def theirs_sampled() -> None:
+        outputs["sampled_theirs"] = hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                                do_sample=True, temperature=1.0, top_k=20, top_p=0.9)
+
     runs = {"ours": ours_with("auto", "ours"), "theirs": theirs(hf, threads, "theirs")}
     if use_cache:  # the opt-in int8 weights: timed beside, never the headline (not the same precision)
         runs["ours_int8"] = ours_with("int8", "ours_int8")
+        runs["sampled_ours"], runs["sampled_theirs"] = ours_sampled, theirs_sampled
     if threads > 1:
         runs["theirs_1_thread"] = theirs(hf, 1, "theirs_1_thread")
     low = decode_weight_dtype(ours) if use_cache else torch.float32
@@ -504,7 +520,7 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
         times = interleaved(runs, rounds)
     ours.train()
     hf.train()
-    rates = {k: round(new / med(v), 1) for k, v in times.items()}
+    rates = {k: round((outputs[k].shape[1] - PROMPT_LEN) / med(v), 1) for k, v in times.items()}
     best_theirs = max(v for k, v in rates.items() if k.startswith("theirs"))
     out: dict[str, Any] = {"new_tokens": new, "prompt_tokens": PROMPT_LEN, "use_cache": use_cache,
                            "tokens_per_s": rates, "theirs_best": best_theirs,
@@ -529,7 +545,19 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
                            matching_prefix(outputs["ours_int8"], outputs["ours"]) - PROMPT_LEN}
         if bandwidth:
             out["int8"]["bandwidth_bound_ms_per_token"] = round(int8_bytes / (bandwidth * 1e9) * 1e3, 3)
+        out["sampled"] = {"ours_tokens_per_s": rates["sampled_ours"], "theirs_tokens_per_s": rates["sampled_theirs"],
+                          "ratio": round(rates["sampled_ours"] / rates["sampled_theirs"], 3),
+                          "ours_new_tokens": outputs["sampled_ours"].shape[1] - PROMPT_LEN}
     return out
+
+
+def synthetic_utf8_guard(vocab: int):
+    """A ``Utf8Guard`` over ``vocab`` made-up tokens (the 256 bytes, then whole CJK characters; ids
+    0-2 special), the size of the app's vocabulary, for timing the chat's path without a tokenizer."""
+    from diyapp.generation import Utf8Guard
+
+    token_bytes = [bytes([i]) for i in range(256)] + [chr(0x4E00 + i).encode() for i in range(vocab - 256)]
+    return Utf8Guard(token_bytes, [0, 1, 2], vocab)
 
 
 def decoder_weight_bytes(model, dtype) -> int:
@@ -783,6 +811,11 @@ def build_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                          "ours": gen["tokens_per_s"]["ours"], "theirs": gen["theirs_best"], "ratio": gen["ratio"],
                          "target": f">= {target}x" if target else "",
                          "verdict": verdict(gen["ratio"], target) if target else ""})
+            if "sampled" in gen:
+                g = gen["sampled"]
+                rows.append({"what": f"{shape} generate tok/s {label}, sampled (ours: the chat's path)",
+                             "ours": g["ours_tokens_per_s"], "theirs": g["theirs_tokens_per_s"], "ratio": g["ratio"],
+                             "target": "", "verdict": f"top-k 20, top-p 0.9; ours {g['ours_new_tokens']} new tokens"})
             if "int8" in gen:
                 rows.append({"what": f"{shape} generate tok/s {label}, ours int8 weights (opt-in)",
                              "ours": gen["int8"]["tokens_per_s"], "theirs": gen["theirs_best"],
