@@ -213,9 +213,10 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     return torch.bfloat16 if packed_bf16_available() else own
 
 
-def _rms_normed(x: Tensor, eps: float) -> Tensor:
+def _rms_normed(x: Tensor, eps: Tensor) -> Tensor:
     """``x * rsqrt(sum(x^2) + eps)`` per row: RMSNorm with ``eps`` scaled by the width and the
-    ``sqrt(width)`` and the scale folded into the next matrix (see :class:`Decoder`)."""
+    ``sqrt(width)`` and the scale folded into the next matrix (see :class:`Decoder`). ``eps`` is a
+    0-d tensor: a Python float would be wrapped into a new tensor and converted at every call."""
     return x * (x * x).sum(-1, keepdim=True).add_(eps).rsqrt_()
 
 
@@ -289,6 +290,7 @@ class Decoder:
             rotation[:, idx + half, idx] = -sin[:, :half]
             rotation[:, idx, idx + half] = sin[:, half:]
             self.rotation = rotation.to(self.embed.dtype)
+            self.eps_tensor = torch.tensor(self.eps, dtype=self.embed.dtype, device=self.embed.device)
         self.weight_dtype = weight_dtype
         # (qkv product, o addition, gate/up product, down addition) of each layer, and the head's
         self._steps = [(self._product(qkv), self._add_product(o), self._product(gate_up), self._add_product(down))
@@ -299,7 +301,7 @@ class Decoder:
         pos = past_key_values[0][1]
         if pos >= self.max_seq_len:
             raise ValueError(f"{pos + 1} positions exceed max_seq_len={self.max_seq_len}")
-        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps
+        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps_tensor
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = self.embed[input_ids[:, -1]]
