@@ -92,8 +92,8 @@ class Fp16Weight:
     times closer to fp32's). FBGEMM converts each weight block to float32 as it streams it, so the
     activations and the sums stay float32 and no conversion runs around the product; on the
     2-core Xeon where this was measured (AMX, AVX-512 BF16) it reads the large preset's matrices
-    faster than oneDNN's packed bf16 (all 33 at one row each, two threads: 1.97 against 2.20 ms). Only for values fp16 holds, see
-    :meth:`fits`.
+    faster than oneDNN's packed bf16 (all 33 at one row each, two threads: 1.97 against 2.20 ms).
+    Only for values fp16 holds, see :meth:`fits`.
     """
 
     def __init__(self, weight: Tensor) -> None:
