@@ -489,7 +489,7 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     # A chat reply's path: sampled (top-k 20, top-p 0.9 as the chat's defaults; temperature 1 so a
     # random model does not fall into a loop and stop early), with the UTF-8 guard and the loop stop
     # the chat runs after every token; theirs sampled with the same top-k and top-p.
-    guard = synthetic_utf8_guard(config.vocab_size)
+    guard = synthetic_utf8_guard(config.vocab_size) if use_cache else None
 
     def ours_sampled() -> None:
         outputs["sampled_ours"] = generate(ours, prompt, new, temperature=1.0, top_k=20, top_p=0.9, seed=5,

@@ -130,8 +130,9 @@ def packed_fp16_available() -> bool:
         return False
 
 
-#: A matrix this large (elements) is packed even when all of them fit in the cache: below it, oneDNN's
-#: ~12 us a call costs more than reading half the bytes saves (default model: only the head).
+#: A matrix this large (elements) is packed even when all of them fit in the cache: below it, a packed
+#: product's fixed cost a call (oneDNN ~12 us, FBGEMM ~10 us) is more than reading half the bytes saves
+#: (default model: only the head).
 PACK_MIN_ELEMENTS = 1 << 20
 
 
@@ -159,7 +160,7 @@ CACHE_BYTES_COUNTED = 32 << 20
 
 
 def packs(numel: int, total_fp32_bytes: int) -> bool:
-    """Whether a bf16 decoder packs a matrix of ``numel`` elements, its model's matrices being
+    """Whether a 16-bit decoder packs a matrix of ``numel`` elements, its model's matrices being
     ``total_fp32_bytes`` in float32: every matrix when they do not all fit in the last-level cache
     (up to ``CACHE_BYTES_COUNTED`` of it; each is then read from memory at every step, and half the
     bytes is nearly half the time; the large preset: 6.2 -> 2.3-2.6 ms a step), else only the large
@@ -265,10 +266,15 @@ class Decoder:
         def store(weight: Tensor) -> "Tensor | Int8Weight | Fp16Weight":
             if int8:  # a width the kernel cannot take stays as in the model's dtype
                 return Int8Weight(weight) if Int8Weight.fits(weight) else weight.t().contiguous()
-            if fp16 or self.packed:
-                if not packs(weight.numel(), total) or fp16 and not Fp16Weight.fits(weight):
+            if (fp16 or self.packed) and not packs(weight.numel(), total):
+                return weight.t().contiguous()
+            if fp16:
+                try:
+                    return Fp16Weight(weight)
+                except ValueError:  # values fp16 cannot hold: as in the model's dtype
                     return weight.t().contiguous()
-                return Fp16Weight(weight) if fp16 else _pack_bf16(weight.to(weight_dtype).contiguous())
+            if self.packed:
+                return _pack_bf16(weight.to(weight_dtype).contiguous())
             return weight.to(weight_dtype).contiguous() if low else weight.t().contiguous()
 
         def fold(norm: nn.Module, linear: nn.Linear) -> Tensor:

@@ -149,8 +149,8 @@ class Utf8Guard:
     Built once from the bytes of every token (``DIYTokenizer.utf8_guard()`` caches one). Special
     tokens (end of turn, end of text) are allowed only between characters, so a reply never ends
     in the middle of one; tokens with no bytes and ids past the tokenizer's vocabulary (a model
-    may have spare rows) are never allowed. ``allowed[state]`` is the mask over the vocabulary,
-    ``next_state[state, token]`` the state after the token.
+    may have spare rows) are never allowed. ``allowed[state]`` is the mask over the vocabulary
+    (``blocked[state]`` the same as 0 / -inf), ``next_state[state, token]`` the state after the token.
     """
 
     def __init__(self, token_bytes: Sequence[bytes], special_ids: Iterable[int], width: int | None = None) -> None:
@@ -175,13 +175,8 @@ class Utf8Guard:
         self.allowed: Tensor = nxt >= 0
         self.next_state: Tensor = nxt.clamp(min=0)
         self.width = width
-        self._blocked = self._blocked_of(self.allowed)
-
-    @staticmethod
-    def _blocked_of(allowed: Tensor) -> Tensor:
-        """0 where a token is allowed, -inf where not: added to float32 logits, one operation
-        instead of a gather, a negation and a fill."""
-        return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        # 0 where a token is allowed, -inf where not: the mask is one addition to the logits
+        self.blocked: Tensor = torch.zeros(self.allowed.shape).masked_fill_(~self.allowed, float("-inf"))
 
     def to(self, device: torch.device) -> "Utf8Guard":
         """The same guard with its tables on ``device``."""
@@ -189,18 +184,18 @@ class Utf8Guard:
             return self
         other = object.__new__(Utf8Guard)
         other.allowed, other.next_state, other.width = self.allowed.to(device), self.next_state.to(device), self.width
-        other._blocked = self._blocked.to(device)
+        other.blocked = self.blocked.to(device)
         return other
 
     def mask(self, logits: Tensor, states: Tensor) -> Tensor:
         """``logits`` ``(batch, vocab)`` with every token that would break UTF-8 set to -inf."""
+        blocked = self.blocked[states]
         vocab = logits.shape[-1]
-        if vocab == self.width and logits.dtype == torch.float32:
-            return logits + self._blocked[states]
-        allowed = self.allowed[states]
         if vocab > self.width:  # the model has more rows than the guard knows: those are never allowed
-            allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], vocab - self.width)], dim=-1)
-        return logits.masked_fill(~allowed[:, :vocab], float("-inf"))
+            blocked = torch.cat([blocked, blocked.new_full((blocked.shape[0], vocab - self.width), float("-inf"))], -1)
+        elif vocab < self.width:
+            blocked = blocked[:, :vocab]
+        return logits + (blocked if blocked.dtype == logits.dtype else blocked.to(logits.dtype))
 
     def advance(self, states: Tensor, tokens: Tensor) -> Tensor:
         """The states after each row's new token."""

@@ -42,6 +42,20 @@ def test_guard_follows_utf8_byte_by_byte():
     assert torch.isinf(masked[0, len(SYNTHETIC):]).all() and torch.isfinite(masked[0, 2])
 
 
+def test_guard_mask_keeps_allowed_logits_and_blocks_the_rest_at_any_width():
+    guard = Utf8Guard(SYNTHETIC, special_ids=[0])
+    states = guard.advance(torch.zeros(2, dtype=torch.long), torch.tensor([1, 4]))  # mid-character, between
+    logits = torch.randn(2, len(SYNTHETIC))
+    masked = guard.mask(logits, states)
+    allowed = guard.allowed[states]
+    assert torch.equal(masked[allowed], logits[allowed]) and (masked[~allowed] == float("-inf")).all()
+    assert allowed.any() and (~allowed).any()
+    narrow = guard.mask(logits[:, :5], states)  # a model with fewer rows than the guard knows
+    assert torch.equal(narrow, masked[:, :5])
+    half = guard.mask(logits.bfloat16(), states)  # its dtype kept
+    assert half.dtype == torch.bfloat16 and torch.equal(torch.isinf(half), torch.isinf(masked))
+
+
 def _valid_prefix(tokenizer, ids) -> bool:
     """The bytes of ``ids`` are valid UTF-8 up to at most one unfinished character at the end."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
