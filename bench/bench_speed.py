@@ -14,8 +14,9 @@ checked to give the same logits) are measured side by side in one process:
 * training tokens/s: one step = forward + loss + backward + AdamW step (ours ``compute_loss``,
   theirs ``forward(labels=...)``; the same ``torch.optim.AdamW(fused=True)`` for both), in fp32 and
   in our default precision (``diyapp.device.autocast_dtype(cpu, "auto")``); MFU against the matmul
-  peak measured here for that precision. The bf16 rows run in a fresh process per shape under the
-  C allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
+  peak measured here for that precision, and the step's matrix products alone at its own shapes (the
+  most its MFU could be at those shapes, and the share of the step they take). The bf16 rows run in a
+  fresh process per shape under the C allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
   process cannot undo; the fp32 rows run without it, as the app's fp32 training does. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
   with N = weights of every matrix product (q/k/v, o, gate/up, down, and the head), L layers, T the
   sequence length, H * Dh the attention width: 6·N per token for the matrix products forward and
@@ -165,6 +166,34 @@ def matmul_peak(dtype, sizes: tuple[int, ...], reps: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t)
         rates[str(n)] = round(2 * n ** 3 / min(times) / 1e9, 2)
     return {"gflops_by_size": rates, "peak_gflops": max(rates.values())}
+
+
+def step_products(model, rows: int, dtype, reps: int) -> dict[str, Any]:
+    """The matrix products of one training step alone, at its own shapes: for each ``nn.Linear``
+    ``(out, in)`` of ``model`` and ``rows`` tokens, the forward ``(rows, in) x (in, out)``, the input
+    gradient ``(rows, out) x (out, in)`` and the weight gradient ``(out, rows) x (rows, in)``, in
+    ``dtype`` (6 * rows * N FLOPs, the 6*N part of the FLOPs formula). Their GFLOP/s (fastest of
+    ``reps``) is the most a step of these shapes could reach if it did nothing but these products:
+    the ceiling of its MFU at these shapes (square products of 2048, the peak, may run faster)."""
+    import torch
+    import torch.nn.functional as F
+
+    shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    operands = [(torch.randn(out, inp).to(dtype), torch.randn(rows, inp).to(dtype), torch.randn(rows, out).to(dtype))
+                for out, inp in shapes]
+
+    def run() -> float:
+        t = time.perf_counter()
+        for w, x, g in operands:
+            F.linear(x, w)
+            torch.mm(g, w)
+            torch.mm(g.t(), x)
+        return time.perf_counter() - t
+
+    run()
+    seconds = min(run() for _ in range(reps))
+    flops = 6 * rows * sum(out * inp for out, inp in shapes)
+    return {"rows": rows, "seconds": round(seconds, 5), "gflops": round(flops / seconds / 1e9, 1)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -792,6 +821,14 @@ def build_table(result: dict[str, Any]) -> list[dict[str, Any]]:
                              "ours": f"{row['ours']['mfu']:.1%}", "theirs": f"{row['theirs']['mfu']:.1%}",
                              "ratio": None, "target": f">= {mfu_target:.0%}" if mfu_target else "",
                              "verdict": verdict(row["ours"]["mfu"], mfu_target) if mfu_target else ""})
+                alone = tr.get("products_alone", {}).get(prec)
+                if alone:
+                    peak = result["peaks"][prec]["peak_gflops"]
+                    share = alone["seconds"] / row["ours"]["step_s"]
+                    rows.append({"what": f"{shape} {prec}: the step's products alone, at its shapes (MFU ceiling)",
+                                 "ours": f"{alone['gflops']:.0f} GFLOP/s = {alone['gflops'] / peak:.1%} of peak",
+                                 "theirs": None, "ratio": None, "target": "",
+                                 "verdict": f"{alone['seconds'] * 1e3:.1f} ms = {share:.0%} of our step"})
             default = tr["default"]["precision"]
             if "ours" in tr[default]:
                 rows.append({"what": f"{shape} train tok/s DEFAULT precision (= {default}), ours", "ours":
@@ -935,6 +972,8 @@ def main() -> int:
         "train_flops_per_step": "tokens * (6*N + 6*L*T*H*Dh); N = weights in matrix products (every nn.Linear, "
                                 "the tied head included), L layers, T sequence length, H*Dh attention width",
         "mfu": "train_flops_per_step / median step seconds / measured matmul peak of that precision",
+        "products_alone": "the step's nn.Linear products only (forward, input and weight gradients) at its own "
+                          "shapes, fastest of several runs: the MFU a step of these shapes could reach at most",
         "tokens_per_s_generation": "new tokens / median wall seconds of the whole generate call (prompt included)",
         "bandwidth_bound_ms_per_token": "bytes of the matrices ours decodes with (in its decode weight dtype: bf16 "
                                         "where the CPU runs it natively) / measured read bandwidth of all threads "
@@ -969,6 +1008,9 @@ def main() -> int:
             rounds = training_rounds(shape, args.quick)
             print(f"[{shape}] training, {rounds} rounds ...", flush=True)
             part["training"] = tr = training(shape, ours, hf, config, rounds, ("fp32",))
+            tr["products_alone"] = {label: step_products(ours, tr["tokens_per_step"], dtype, reps=3 if big else 5)
+                                    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+                                    if label == "fp32" or m["native_bf16"]}
             tr["default"] = {"precision": precision_label(default_dtype),
                              "why": "autocast_dtype('cpu', 'auto'): bf16 where the CPU runs it natively, else fp32"}
             # bf16 rows: in processes of their own (bf16_training_as_the_app), where bf16 is native;
