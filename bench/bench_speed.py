@@ -16,8 +16,9 @@ checked to give the same logits) are measured side by side in one process:
   in our default precision (``diyapp.device.autocast_dtype(cpu, "auto")``); MFU against the matmul
   peak measured here for that precision, and the step's matrix products alone at its own shapes (the
   most its MFU could be at those shapes, and the share of the step they take). The bf16 rows run in a
-  fresh process per shape under the C allocator policy the app's bf16 trainer sets (``diyapp.allocator``; for theirs too), which a
-  process cannot undo; the fp32 rows run without it, as the app's fp32 training does. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
+  fresh process per shape under the C allocator policy the app's bf16 trainer sets
+  (``diyapp.allocator``; for theirs too), which a process cannot undo; the fp32 rows run without it,
+  as the app's fp32 training does. FLOPs per step = ``tokens * (6 * N + 6 * L * T * H * Dh)``
   with N = weights of every matrix product (q/k/v, o, gate/up, down, and the head), L layers, T the
   sequence length, H * Dh the attention width: 6·N per token for the matrix products forward and
   backward, and the causal attention score and value products (2·T·H·Dh forward per token, half
