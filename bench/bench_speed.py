@@ -177,18 +177,23 @@ def step_products(model, rows: int, dtype, reps: int) -> dict[str, Any]:
     ``reps``) is the most a step of these shapes could reach if it did nothing but these products:
     the ceiling of its MFU at these shapes (square products of 2048, the peak, may run faster)."""
     import torch
-    import torch.nn.functional as F
 
     shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    operands = [(torch.randn(out, inp).to(dtype), torch.randn(rows, inp).to(dtype), torch.randn(rows, out).to(dtype))
-                for out, inp in shapes]
+
+    def random(*size: int):
+        return torch.randn(*size).to(dtype)
+
+    # inputs and outputs allocated once: a fresh output a product (C's head: 105 MB) would time the
+    # allocator's page faults, not the product
+    operands = [(random(out, inp), random(rows, inp), random(rows, out), torch.empty(rows, out, dtype=dtype),
+                 torch.empty(rows, inp, dtype=dtype), torch.empty(out, inp, dtype=dtype)) for out, inp in shapes]
 
     def run() -> float:
         t = time.perf_counter()
-        for w, x, g in operands:
-            F.linear(x, w)
-            torch.mm(g, w)
-            torch.mm(g.t(), x)
+        for w, x, g, y, grad_x, grad_w in operands:
+            torch.mm(x, w.t(), out=y)
+            torch.mm(g, w, out=grad_x)
+            torch.mm(g.t(), x, out=grad_w)
         return time.perf_counter() - t
 
     run()

@@ -247,7 +247,7 @@ class Decoder:
         self.nh, self.nkv, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.inter, self.max_seq_len = config.intermediate_size, config.max_seq_len
         # rsqrt(sum x^2 + d * eps) = rsqrt(mean x^2 + eps) / sqrt(d): the sqrt(d) goes into the weights
-        self.eps = config.hidden_size * config.rms_norm_eps
+        eps = config.hidden_size * config.rms_norm_eps
         root = math.sqrt(config.hidden_size)
 
         # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm); on a CPU, fp16
@@ -296,7 +296,7 @@ class Decoder:
             rotation[:, idx + half, idx] = -sin[:, :half]
             rotation[:, idx, idx + half] = sin[:, half:]
             self.rotation = rotation.to(self.embed.dtype)
-            self.eps_tensor = torch.tensor(self.eps, dtype=self.embed.dtype, device=self.embed.device)
+            self.eps = torch.tensor(eps, dtype=self.embed.dtype, device=self.embed.device)  # see _rms_normed
         self.weight_dtype = weight_dtype
         # (qkv product, o addition, gate/up product, down addition) of each layer, and the head's
         self._steps = [(self._product(qkv), self._add_product(o), self._product(gate_up), self._add_product(down))
@@ -307,7 +307,7 @@ class Decoder:
         pos = past_key_values[0][1]
         if pos >= self.max_seq_len:
             raise ValueError(f"{pos + 1} positions exceed max_seq_len={self.max_seq_len}")
-        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps_tensor
+        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = self.embed[input_ids[:, -1]]
