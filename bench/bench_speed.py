@@ -160,12 +160,8 @@ def matmul_peak(dtype, sizes: tuple[int, ...], reps: int) -> dict[str, Any]:
     for n in sizes:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         torch.mm(a, b)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t)
-        rates[str(n)] = round(2 * n ** 3 / min(times) / 1e9, 2)
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(reps))
+        rates[str(n)] = round(2 * n ** 3 / best / 1e9, 2)
     return {"gflops_by_size": rates, "peak_gflops": max(rates.values())}
 
 
@@ -188,16 +184,14 @@ def step_products(model, rows: int, dtype, reps: int) -> dict[str, Any]:
     operands = [(random(out, inp), random(rows, inp), random(rows, out), torch.empty(rows, out, dtype=dtype),
                  torch.empty(rows, inp, dtype=dtype), torch.empty(out, inp, dtype=dtype)) for out, inp in shapes]
 
-    def run() -> float:
-        t = time.perf_counter()
+    def products() -> None:
         for w, x, g, y, grad_x, grad_w in operands:
             torch.mm(x, w.t(), out=y)
             torch.mm(g, w, out=grad_x)
             torch.mm(g.t(), x, out=grad_w)
-        return time.perf_counter() - t
 
-    run()
-    seconds = min(run() for _ in range(reps))
+    products()
+    seconds = min(_timed(products) for _ in range(reps))
     flops = 6 * rows * sum(out * inp for out, inp in shapes)
     return {"rows": rows, "seconds": round(seconds, 5), "gflops": round(flops / seconds / 1e9, 1)}
 
