@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .config import DECODE_PRECISIONS
 from .device import autocast_dtype
 
@@ -86,14 +87,15 @@ FP16_MAX = 65504.0
 
 
 class Fp16Weight:
-    """An ``(out, in)`` matrix as fp16 in FBGEMM's packed layout, multiplied from and into float32.
+    """An ``(out, in)`` matrix as fp16, multiplied from and into float32.
 
     Half of float32's bytes, like bf16, with 11 significant bits instead of 8 (logits about ten
-    times closer to fp32's). FBGEMM converts each weight block to float32 as it streams it, so the
-    activations and the sums stay float32 and no conversion runs around the product; on the
-    2-core Xeon where this was measured (AMX, AVX-512 BF16) it reads the large preset's matrices
-    faster than oneDNN's packed bf16 (all 33 at one row each, two threads: 1.97 against 2.20 ms).
-    Only for values fp16 holds, see :meth:`fits`.
+    times closer to fp32's). Multiplied by the compiled kernel of :mod:`diyapp.native` where it
+    is available (the matrix as plain fp16, streamed at the memory's rate: the large preset's 33
+    matrices at one row each, two threads, 2-core Xeon: 1.9-2.1 ms), else by FBGEMM in its packed
+    layout (3.5-4.1 ms there; oneDNN's packed bf16 3.3-3.7 ms). Either converts each weight to
+    float32 as it streams it, so the activations and the sums stay float32 and no conversion runs
+    around the product. Only for values fp16 holds, see :meth:`fits`.
     """
 
     def __init__(self, weight: Tensor) -> None:
@@ -101,7 +103,11 @@ class Fp16Weight:
             raise ValueError(f"fp16 holds values up to {FP16_MAX:g}, this matrix has larger ones")
         weight = weight.detach().float().contiguous()
         self.shape = weight.shape
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+        self.kernel = native.fp16_gemv() if weight.device.type == "cpu" else None
+        if self.kernel is not None:
+            self.values = weight.half()
+        else:
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
 
     @staticmethod
     def fits(weight: Tensor) -> bool:
@@ -112,15 +118,28 @@ class Fp16Weight:
     def nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * 2
 
-    def product(self, a: Tensor) -> Tensor:
-        """``a @ matrix.T`` for ``a`` ``(rows, in)``, in float32."""
-        return torch.ops.quantized.linear_dynamic_fp16(a if a.dtype == torch.float32 else a.float(), self.packed)
+    def product(self, a: Tensor, eps: float | None = None) -> Tensor:
+        """``a @ matrix.T`` for ``a`` ``(rows, in)``, in float32; with ``eps``, each row of ``a``
+        normed first as by :func:`_rms_normed` (by the compiled kernel: five operations fewer)."""
+        if a.dtype != torch.float32:
+            a = a.float()
+        if self.kernel is None:
+            return torch.ops.quantized.linear_dynamic_fp16(a if eps is None else _rms_normed(a, a.new_tensor(eps)),
+                                                           self.packed)
+        return self.kernel(self.values, a.contiguous(), a.new_empty(a.shape[0], self.shape[0]), eps=eps)
+
+    def add_product(self, x: Tensor, a: Tensor) -> Tensor:
+        """``x += a @ matrix.T`` in place, for a float32 ``x`` ``(rows, out)``; returns ``x``."""
+        if self.kernel is None or x.dtype != torch.float32 or not x.is_contiguous():
+            return x.add_(self.product(a))
+        return self.kernel(self.values, a.contiguous() if a.dtype == torch.float32 else a.float().contiguous(), x,
+                           accumulate=True)
 
 
 @functools.lru_cache(maxsize=None)
-def packed_fp16_available() -> bool:
-    """True when this PyTorch has FBGEMM's packed fp16 product and it computes ``F.linear`` of the
-    fp16-rounded weights."""
+def fp16_products_available() -> bool:
+    """True when :class:`Fp16Weight` multiplies here (the compiled kernel, or FBGEMM's packed
+    product) and computes ``F.linear`` of the fp16-rounded weights."""
     try:
         weight = torch.linspace(-2, 2, 48).reshape(3, 16)
         a = torch.linspace(-1, 1, 32).reshape(2, 16)
@@ -186,13 +205,14 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
 
     "fp32": the model's own dtype (the exact reference, what ``model(...)`` computes); "bf16" or
     "fp16": that 16-bit format; "auto": a 16-bit format for a float32 model on a CPU with native
-    bf16 (``DIYAPP_CPU_BF16=0`` turns it off): fp16 (FBGEMM's packed product, the closer and the
-    faster of the two there), else bf16 (oneDNN's packed product), else the model's own dtype. On a
-    CPU without native bf16 the 16-bit products were not measured faster, and where bf16 is
-    emulated it is many times slower; on a GPU the products are too small for the bytes to matter.
-    "int8" (CPU only, never picked by "auto"): int8 weights (:class:`Int8Weight`), a quarter of
-    float32's bytes, which one conversation decodes fastest with on any CPU with AVX2 or better;
-    the answers can differ slightly from the model's own.
+    bf16 (``DIYAPP_CPU_BF16=0`` turns it off): fp16 (:class:`Fp16Weight`: the compiled kernel, or
+    FBGEMM's packed product; the closer and the faster of the two formats there), else bf16
+    (oneDNN's packed product), else the model's own dtype. On a CPU without native bf16 the 16-bit
+    products were not measured faster, and where bf16 is emulated it is many times slower; on a GPU
+    the products are too small for the bytes to matter. "int8" (CPU only, never picked by "auto"):
+    int8 weights (:class:`Int8Weight`), a quarter of float32's bytes, faster than float32 weights on
+    any CPU with AVX2 or better (and than fp16 where FBGEMM multiplies it); the answers can differ
+    slightly from the model's own.
     """
     if precision not in DECODE_PRECISIONS:
         raise ValueError(f"decoding precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
@@ -209,7 +229,7 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     # CPU that has one of the packed products.
     if not (device.type == "cpu" and own == torch.float32 and autocast_dtype("cpu", "auto")):
         return own
-    if packed_fp16_available():
+    if fp16_products_available():
         return torch.float16
     return torch.bfloat16 if packed_bf16_available() else own
 
@@ -229,9 +249,10 @@ class Decoder:
     of matrix-vector products whose cost on a CPU is reading the weights plus a few microseconds per
     operation, so this keeps both small: every weight is stored ``(in, out)`` (read about twice as
     fast as ``(out, in)`` by a one-row product), each RMSNorm scale is folded into the matrix after
-    it, the rotary embedding of each position is one precomputed ``head_dim x head_dim`` matrix, the
-    residual additions ride on ``addmm``, and the product of each matrix is picked once, when the
-    decoder is built, so a step runs no conversion or check it does not need.
+    it (with the compiled fp16 kernel the norm itself runs inside that matrix's product), the
+    rotary embedding of each position is one precomputed ``head_dim x head_dim`` matrix, the
+    residual additions ride on ``addmm`` (or on the fp16 kernel), and the product of each matrix is
+    picked once, when the decoder is built, so a step runs no conversion or check it does not need.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -251,22 +272,25 @@ class Decoder:
         root = math.sqrt(config.hidden_size)
 
         # Stored (in, out) in the model's dtype (read fastest by a one-row torch.mm); on a CPU, fp16
-        # packed by FBGEMM (Fp16Weight) and bf16 packed by oneDNN (see _packed_linear), small
-        # cache-resident ones staying as in fp32 (see packs); otherwise (a GPU, or no packed
-        # product) (out, in) in the low dtype (read fastest by F.linear); int8 ones as Int8Weight.
+        # as Fp16Weight (every matrix with the compiled kernel, which has no fixed cost a call to
+        # avoid; with FBGEMM's packed product small cache-resident ones stay as in fp32, see packs)
+        # and bf16 packed by oneDNN (see _packed_linear, the same rule); otherwise (a GPU, or no
+        # packed product) (out, in) in the low dtype (read fastest by F.linear); int8 ones as
+        # Int8Weight.
         cpu = model.lm_head.weight.device.type == "cpu"
         int8 = weight_dtype == torch.int8
         low = not int8 and weight_dtype != own
-        fp16 = low and weight_dtype == torch.float16 and cpu and packed_fp16_available()
+        fp16 = low and weight_dtype == torch.float16 and cpu and fp16_products_available()
         self.packed = low and weight_dtype == torch.bfloat16 and cpu and packed_bf16_available()
         self.transposed = low and not (self.packed or fp16)  # every matrix (out, in), for F.linear
+        every = fp16 and native.fp16_gemv() is not None
 
         total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
 
         def store(weight: Tensor) -> "Tensor | Int8Weight | Fp16Weight":
             if int8:  # a width the kernel cannot take stays as in the model's dtype
                 return Int8Weight(weight) if Int8Weight.fits(weight) else weight.t().contiguous()
-            if (fp16 or self.packed) and not packs(weight.numel(), total):
+            if (fp16 or self.packed) and not every and not packs(weight.numel(), total):
                 return weight.t().contiguous()
             if fp16:
                 try:
@@ -299,21 +323,22 @@ class Decoder:
             self.eps = torch.tensor(eps, dtype=self.embed.dtype, device=self.embed.device)  # see _rms_normed
         self.weight_dtype = weight_dtype
         # (qkv product, o addition, gate/up product, down addition) of each layer, and the head's
-        self._steps = [(self._product(qkv), self._add_product(o), self._product(gate_up), self._add_product(down))
+        self._steps = [(self._normed_product(qkv), self._add_product(o), self._normed_product(gate_up),
+                        self._add_product(down))
                        for qkv, o, gate_up, down in self.layers]
-        self._head = self._product(self.head)
+        self._head = self._normed_product(self.head)
 
     def __call__(self, input_ids: Tensor, past_key_values: KVCache) -> tuple[Tensor, KVCache]:
         pos = past_key_values[0][1]
         if pos >= self.max_seq_len:
             raise ValueError(f"{pos + 1} positions exceed max_seq_len={self.max_seq_len}")
-        nh, nkv, head_dim, inter, eps = self.nh, self.nkv, self.head_dim, self.inter, self.eps
+        nh, nkv, head_dim, inter = self.nh, self.nkv, self.head_dim, self.inter
         batch, end = input_ids.shape[0], pos + 1
         rotation = self.rotation[pos]
         x = self.embed[input_ids[:, -1]]
         dtype = x.dtype
         for (qkv_of, add_o, gate_up_of, add_down), (cache, _) in zip(self._steps, past_key_values):
-            qkv = qkv_of(_rms_normed(x, eps))
+            qkv = qkv_of(x)  # RMSNorm, then the product
             if qkv.dtype != dtype:
                 qkv = qkv.to(dtype)
             qkv = qkv.view(batch, -1, head_dim)
@@ -331,9 +356,9 @@ class Decoder:
             x = add_o(x, y.reshape(batch, nh * head_dim))
             # in the product's dtype: with bf16 weights the activation is rounded to bf16 for the
             # next product anyway, and two conversions a layer are saved
-            gate_up = gate_up_of(_rms_normed(x, eps))
+            gate_up = gate_up_of(x)
             x = add_down(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]))
-        logits = self._head(_rms_normed(x, eps))
+        logits = self._head(x)
         if logits.dtype != dtype:
             logits = logits.to(dtype)
         return logits, [(cache, end) for cache, _ in past_key_values]
@@ -350,9 +375,20 @@ class Decoder:
             return lambda a: F.linear(a if a.dtype == dtype else a.to(dtype), w)
         return lambda a: torch.mm(a if a.dtype == dtype else a.to(dtype), w)
 
+    def _normed_product(self, w: "Tensor | Int8Weight | Fp16Weight") -> Callable[[Tensor], Tensor]:
+        """``x -> _rms_normed(x) @ w``: the norm inside the compiled kernel where ``w`` is multiplied
+        by it, else the norm's five operations and then :meth:`_product`."""
+        if isinstance(w, Fp16Weight) and w.kernel is not None:
+            eps = float(self.eps)
+            return lambda x: w.product(x, eps)
+        product, eps = self._product(w), self.eps
+        return lambda x: product(_rms_normed(x, eps))
+
     def _add_product(self, w: "Tensor | Int8Weight | Fp16Weight") -> Callable[[Tensor, Tensor], Tensor]:
         """``(x, a) -> x + a @ w`` in ``x``'s dtype: one ``addmm`` where all three share it, else
         added in place (``x`` is the step's own tensor: a copied row, then sums)."""
+        if isinstance(w, Fp16Weight):
+            return w.add_product
         product = self._product(w)
         if isinstance(w, Tensor) and not (w.is_mkldnn or self.transposed):
             dtype = w.dtype

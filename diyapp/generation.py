@@ -340,7 +340,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
     ``precision`` is the one-token steps' weight precision (:func:`decode_weight_dtype`): "auto"
     (16-bit, fp16 or bf16, where the CPU runs bf16 natively), "bf16", "fp16", "fp32" (the model's
     own weights, whose greedy output equals the ``use_cache=False`` path's), or "int8" (CPU only;
-    fastest for one sequence, answers can differ slightly).
+    a quarter of fp32's bytes, answers can differ slightly).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     weight_dtype = decode_weight_dtype(model, precision)

@@ -52,6 +52,17 @@ def fresh_detection():
 
 
 @pytest.fixture
+def without_native(monkeypatch):
+    """No compiled kernel (as where there is no C compiler): fp16 products by FBGEMM."""
+    from diyapp import decoder, native
+
+    monkeypatch.setattr(native, "_load", lambda: (None, "turned off by the test"))
+    decoder.fp16_products_available.cache_clear()
+    yield
+    decoder.fp16_products_available.cache_clear()
+
+
+@pytest.fixture
 def pack_every_matrix(monkeypatch):
     """A bf16 decoder packs every matrix of a tiny model, as it does a model larger than the CPU's
     cache (a tiny model's matrices are all below the size packed otherwise)."""

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from diyapp import DIYForCausalLM, decoder, generate
+from diyapp import DIYForCausalLM, decoder, generate, native
 from diyapp.decoder import (Decoder, Fp16Weight, Int8Weight, decode_weight_dtype, packed_bf16_available,
-                            packed_fp16_available)
+                            fp16_products_available)
 from diyapp.device import cpu_supports_bf16
 
 
@@ -118,11 +118,11 @@ def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypat
     assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
     assert decode_weight_dtype(tiny_model, "bf16") is torch.bfloat16
     assert decode_weight_dtype(tiny_model, "fp16") is torch.float16
-    native = cpu_supports_bf16()
+    bf16_here = cpu_supports_bf16()
     expected = torch.float32
-    if native and packed_fp16_available():
+    if bf16_here and fp16_products_available():
         expected = torch.float16
-    elif native and packed_bf16_available():
+    elif bf16_here and packed_bf16_available():
         expected = torch.bfloat16
     assert decode_weight_dtype(tiny_model, "auto") is expected
     monkeypatch.setenv("DIYAPP_CPU_BF16", "0")
@@ -137,7 +137,7 @@ def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypat
 
 
 def test_fp16_weights_multiply_as_f_linear_of_the_rounded_matrix():
-    if not packed_fp16_available():
+    if not fp16_products_available():
         pytest.skip("this PyTorch has no packed fp16 product")
     torch.manual_seed(3)
     weight, a = torch.randn(40, 24), torch.randn(3, 24)
@@ -155,17 +155,30 @@ def test_fp16_weights_multiply_as_f_linear_of_the_rounded_matrix():
         Fp16Weight(huge)
 
 
+@pytest.fixture(params=["native", "fbgemm"])
+def fp16_kernel(request):
+    """fp16 products by the compiled kernel (where it is built), then by FBGEMM."""
+    if request.param == "native":
+        if native.fp16_gemv() is None:
+            pytest.skip(f"no compiled kernel: {native.unavailable_reason()}")
+        yield "native"
+    else:
+        request.getfixturevalue("without_native")
+        yield "fbgemm"
+
+
 @pytest.mark.parametrize("batch", [1, 2])
-def test_fp16_weight_decoder_stays_closer_to_fp32_than_bf16(tiny_config, batch, pack_every_matrix):
+def test_fp16_weight_decoder_stays_closer_to_fp32_than_bf16(tiny_config, batch, pack_every_matrix, fp16_kernel):
     """Every matrix packed in fp16 (where this PyTorch has the product, else plain fp16 (out, in)
     matrices for F.linear): the logits within 0.5% of fp32's range, and closer than bf16's."""
     torch.manual_seed(6)
     model = DIYForCausalLM(dataclasses.replace(tiny_config, num_kv_heads=1)).eval()
     ids = torch.randint(0, tiny_config.vocab_size, (batch, 8))
     low = Decoder(model, torch.float16)
-    if packed_fp16_available():
+    if fp16_products_available():
         assert not low.transposed
         assert all(isinstance(w, Fp16Weight) for layer in low.layers for w in layer) and isinstance(low.head, Fp16Weight)
+        assert (low.head.kernel is not None) == (fp16_kernel == "native")
     else:
         assert low.transposed and low.head.dtype == torch.float16
     got, expected = _last_step(model, low, ids)
@@ -174,8 +187,42 @@ def test_fp16_weight_decoder_stays_closer_to_fp32_than_bf16(tiny_config, batch, 
     assert 0 < (got - expected).abs().max() < (bf16 - expected).abs().max()
 
 
+def test_every_matrix_is_fp16_with_the_compiled_kernel(tiny_model, monkeypatch):
+    """The kernel has no fixed cost a call worth keeping a small matrix in fp32 for (unlike FBGEMM,
+    see the next test): every matrix of a model whose matrices the cache holds is fp16, and its
+    products, the norm inside, give the logits of the fp32 decoder within fp16's rounding."""
+    if native.fp16_gemv() is None:
+        pytest.skip(f"no compiled kernel: {native.unavailable_reason()}")
+    monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 32 << 20)
+    low = Decoder(tiny_model, torch.float16)
+    stored = [w for layer in low.layers for w in layer] + [low.head]
+    assert all(isinstance(w, Fp16Weight) and w.kernel is not None for w in stored)
+    assert all(w.numel() < decoder.PACK_MIN_ELEMENTS for w in tiny_model.parameters())
+    got, expected = _last_step(tiny_model, low, torch.tensor([[3, 4, 5], [6, 7, 8]]))
+    assert 0 < (got - expected).abs().max() <= 0.005 * expected.abs().max()
+
+
+def test_fp16_products_with_the_norm_inside_equal_norm_then_product():
+    """Fp16Weight's kernel and FBGEMM give the same products, with and without the norm, and the
+    residual addition in place."""
+    if native.fp16_gemv() is None:
+        pytest.skip(f"no compiled kernel: {native.unavailable_reason()}")
+    torch.manual_seed(4)
+    weight, a, x = torch.randn(40, 24), torch.randn(2, 24), torch.randn(2, 40)
+    w = Fp16Weight(weight)
+    assert w.kernel is not None and w.values.dtype == torch.float16
+    reference = weight.half().float().t()
+    eps = torch.tensor(0.2)
+    torch.testing.assert_close(w.product(a), a @ reference)
+    torch.testing.assert_close(w.product(a, 0.2), decoder._rms_normed(a, eps) @ reference)
+    y = x.clone()
+    assert w.add_product(y, a) is y
+    torch.testing.assert_close(y, x + a @ reference)
+    torch.testing.assert_close(w.product(a.bfloat16()), a.bfloat16().float() @ reference)
+
+
 def test_fp16_keeps_a_matrix_fp16_cannot_hold_in_fp32(tiny_model, pack_every_matrix):
-    if not packed_fp16_available():
+    if not fp16_products_available():
         pytest.skip("this PyTorch has no packed fp16 product")
     with torch.no_grad():
         tiny_model.model.layers[0].self_attn.o_proj.weight[0, 0] = 1e5
@@ -187,10 +234,10 @@ def test_fp16_keeps_a_matrix_fp16_cannot_hold_in_fp32(tiny_model, pack_every_mat
     assert (got - expected).abs().max() <= 0.005 * expected.abs().max()
 
 
-def test_small_fp16_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypatch):
-    """The same rule as for packed bf16 (packs): FBGEMM's call costs more than half the bytes save
-    on a small matrix the cache keeps."""
-    if not packed_fp16_available():
+def test_small_fp16_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypatch, without_native):
+    """Without the compiled kernel, the same rule as for packed bf16 (packs): FBGEMM's call costs
+    more than half the bytes save on a small matrix the cache keeps."""
+    if not fp16_products_available():
         pytest.skip("this PyTorch has no packed fp16 product")
     monkeypatch.setattr(decoder, "last_level_cache_bytes", lambda: 32 << 20)
     monkeypatch.setattr(decoder, "PACK_MIN_ELEMENTS", tiny_model.lm_head.weight.numel())
@@ -277,17 +324,18 @@ def _missing(*args):
 
 @pytest.fixture
 def without_packed_fp16(monkeypatch):
-    """A PyTorch without FBGEMM's packed fp16 product (absent, or its signature changed)."""
+    """No fp16 product at all: neither the compiled kernel nor FBGEMM's packed one (absent, or its
+    signature changed)."""
     monkeypatch.setattr(Fp16Weight, "__init__", _missing)
-    decoder.packed_fp16_available.cache_clear()
+    decoder.fp16_products_available.cache_clear()
     yield
-    decoder.packed_fp16_available.cache_clear()
+    decoder.fp16_products_available.cache_clear()
 
 
 def test_without_packed_fp16_auto_takes_packed_bf16(tiny_model, without_packed_fp16, fresh_detection):
-    assert decoder.packed_fp16_available() is False
-    native = cpu_supports_bf16() and packed_bf16_available()
-    assert decode_weight_dtype(tiny_model, "auto") is (torch.bfloat16 if native else torch.float32)
+    assert decoder.fp16_products_available() is False
+    bf16_here = cpu_supports_bf16() and packed_bf16_available()
+    assert decode_weight_dtype(tiny_model, "auto") is (torch.bfloat16 if bf16_here else torch.float32)
     low = Decoder(tiny_model, torch.float16)  # asked for: plain fp16 (out, in) matrices for F.linear
     assert low.transposed and low.head.dtype == torch.float16 and low.head.shape == tiny_model.lm_head.weight.shape
     got, expected = _last_step(tiny_model, low, torch.tensor([[3, 4, 5]]))

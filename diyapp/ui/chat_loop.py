@@ -37,7 +37,7 @@ HELP = """命令 commands:
   save / 保存               保存模型 save the model (.pt / JSON)
   set                       查看生成设置 show the sampling settings
   set temperature=0.7       修改设置 change one (also top_k=, top_p=, max_new_tokens=; top_k=none turns it off)
-  set precision=int8        int8 权重解码更快，回答可能略有不同 int8 weights decode faster (CPU), answers may differ slightly
+  set precision=int8        int8 权重（字节最少），回答可能略有不同 int8 weights, fewest bytes (CPU), answers may differ slightly
   complete / 续写           切换到续写模式 switch to text completion
   help / 帮助               显示本帮助 this help
 回答时按 Ctrl-C 可打断回答；在提示符处按 Ctrl-C 或 Ctrl-D 退出。
