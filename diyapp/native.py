@@ -52,7 +52,7 @@ class Fp16Gemv:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._call = lib.diy_fp16_gemv
         self._call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
-        self._call.restype = None
+        self._call.restype = ctypes.c_int
         lib.diy_fp16_gemv_width.restype = lib.diy_max_threads.restype = ctypes.c_int
         self._max_threads = lib.diy_max_threads
         #: the widest vectors this CPU runs the kernel with (512 or 256); 0 where it has no AVX2
@@ -61,8 +61,9 @@ class Fp16Gemv:
     def __call__(self, weight: Tensor, a: Tensor, y: Tensor, accumulate: bool = False, eps: float | None = None,
                  width: int | None = None) -> Tensor:
         rows, (out, inner) = a.shape[0], weight.shape
-        self._call(weight.data_ptr(), a.data_ptr(), y.data_ptr(), rows, out, inner, int(accumulate), width or self.width,
-                   -1.0 if eps is None else eps)
+        if self._call(weight.data_ptr(), a.data_ptr(), y.data_ptr(), rows, out, inner, int(accumulate),
+                      width or self.width, -1.0 if eps is None else eps):
+            raise MemoryError(f"no memory for the scales of {rows} rows")
         return y
 
     def threads(self) -> int:
