@@ -35,10 +35,11 @@ from diyapp.ui.prompts import CHAT_PROMPT  # noqa: E402
 
 
 #: The environment that makes this machine's PyTorch run as on an AVX2 CPU: ATen's kernels, MKL's
-#: and oneDNN's limited to AVX2 (no AVX-512, so no native bf16 either: float32 throughout).
-#: On the Xeon of bench/README.md it brought a float32 product from 401 to 225 GFLOP/s.
+#: and oneDNN's limited to AVX2 (no AVX-512, so no native bf16 either: training in float32), and
+#: the compiled decoding kernel to its 256-bit path. On the Xeon of bench/README.md it brought a
+#: float32 product from 401 to 225 GFLOP/s.
 AS_ON_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-              "DIYAPP_CPU_BF16": "0"}
+              "DIYAPP_CPU_BF16": "0", "DIYAPP_NATIVE": "avx2"}
 
 
 def first_run(idle: float, timeout: float, screen_path: str | None = None) -> dict:

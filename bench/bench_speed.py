@@ -26,11 +26,12 @@ checked to give the same logits) are measured side by side in one process:
 * the AdamW implementations (for-loop, foreach, fused) on our model;
 * generation tokens/s at batch 1 (16-token prompt, greedy; 100 new tokens for A, 200 for C), with
   and without the KV cache. Ours: the app's ``generate``, which decodes with one thread or all
-  (whichever its timed steps show faster) and, where the CPU runs bf16 natively, with 16-bit
-  weights (``decode_weight_dtype``: packed fp16, or packed bf16 without FBGEMM). Theirs:
-  ``generate(min_new_tokens=n)`` with their default thread count and with one thread, in fp32
-  and, where ours decodes with 16-bit weights, also with their model cast to bf16 and to fp16; the
-  ratio uses the fastest of theirs. One-token steps are reported against the bandwidth bound of the
+  (whichever its timed steps show faster) and with the weights ``decode_weight_dtype`` picks
+  (fp16 where the compiled kernel runs, any CPU with AVX2; else, where the CPU runs bf16 natively,
+  FBGEMM's packed fp16 or oneDNN's packed bf16). Theirs: ``generate(min_new_tokens=n)`` with their
+  default thread count and with one thread, in fp32 and, where ours decodes with 16-bit weights,
+  also with their model cast to fp16 and (where the CPU runs bf16 natively) to bf16; the ratio
+  uses the fastest of theirs. One-token steps are reported against the bandwidth bound of the
   bytes ours reads. Ours with the opt-in int8 weights (``precision="int8"``) is timed beside, in a
   row of its own (not the same precision as theirs, never the target's row), and our decoder with
   bf16, fp16 and int8 weights is compared with fp32 weights (logits, greedy tokens). A sampled row
@@ -492,6 +493,7 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     import torch
 
     from diyapp.decoder import decode_weight_dtype
+    from diyapp.device import cpu_supports_bf16
     from diyapp.generation import generate
 
     new = SHAPES[shape]["new_tokens"]
@@ -535,8 +537,9 @@ def generation(shape: str, ours, hf, config, rounds: int, use_cache: bool, bandw
     if threads > 1:
         runs["theirs_1_thread"] = theirs(hf, 1, "theirs_1_thread")
     low = decode_weight_dtype(ours) if use_cache else torch.float32
-    if low != torch.float32:  # ours decodes with 16-bit weights here: theirs in bf16 and in fp16 too, fairly
-        for half, name in ((torch.bfloat16, "theirs_bf16"), (torch.float16, "theirs_fp16")):
+    if low != torch.float32:  # ours decodes with 16-bit weights here: theirs in fp16 too, fairly (and in bf16 where native)
+        halves = ((torch.bfloat16, "theirs_bf16"),) if cpu_supports_bf16() else ()
+        for half, name in (*halves, (torch.float16, "theirs_fp16")):
             hf_low = copy.deepcopy(hf).to(half).eval()
             runs[name] = theirs(hf_low, threads, name)
             if threads > 1:
@@ -597,7 +600,7 @@ def synthetic_utf8_guard(vocab: int):
 
 def decoder_weight_bytes(model, dtype) -> int:
     """Bytes a one-token step of ``generate`` reads: the matrices of its decoder, stored in ``dtype``
-    (``decode_weight_dtype``: fp16 or bf16 where the CPU runs bf16 natively; int8 with its scales),
+    (``decode_weight_dtype``: fp16 or bf16 where it picks one; int8 with its scales),
     and one row of the embedding."""
     from diyapp.decoder import Fp16Weight, Int8Weight
 
@@ -1004,7 +1007,7 @@ def main() -> int:
             print(f"[{shape}] generation with cache, {rounds} rounds ...", flush=True)
             part["generation_cached"] = generation(shape, ours, hf, config, rounds, use_cache=True,
                                                    bandwidth=result["bandwidth"]["read_gb_per_s_all_threads"])
-            lows = ("bf16", "fp16", "int8") if m["native_bf16"] else ("int8",)
+            lows = ("bf16", "fp16", "int8") if m["native_bf16"] else ("fp16", "int8")  # bf16 emulated: no
             print(f"[{shape}] decoding with {' / '.join(lows)} weights vs fp32 ...", flush=True)
             part["decode_precision"] = decode_precision(shape, ours, config, SHAPES[shape]["new_tokens"], lows)
             if "nocache" not in skip and not (args.quick and big):

@@ -194,7 +194,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--max-new-tokens", type=_int, metavar="N", help=f"longest {what} in tokens")
     parser.add_argument("--seed", type=_int, metavar="N", help="make the sampling repeatable")
     parser.add_argument("--precision", choices=DECODE_PRECISIONS, metavar="P",
-                        help="decoding weights: auto (16-bit, fp16 or bf16, where the CPU runs bf16 natively, "
+                        help="decoding weights: auto (fp16 on a CPU with the compiled kernel or native bf16, "
                              "else the model's), fp32, bf16, fp16, or int8 (CPU only: a quarter of fp32's bytes, faster than "
                              "fp32 weights; answers can differ slightly)")
 

@@ -4,11 +4,10 @@
 token per row, what ``model(input_ids, past_key_values=cache, use_cache=True)`` computes for the
 last position (up to float rounding), writing the same KV cache in place.
 
-:func:`decode_weight_dtype` says which dtype its matrices are stored in for a given ``precision``:
-a 16-bit format on a CPU of the class that multiplies bf16 natively (a one-token step reads every
-weight once, so half the bytes is close to half the time): fp16 in FBGEMM's packed layout
-(:class:`Fp16Weight`) where this PyTorch has it, else bf16; elsewhere the model's own dtype; bf16,
-fp16 or int8 (:class:`Int8Weight`) when asked.
+:func:`decode_weight_dtype` says which dtype its matrices are stored in for a given ``precision``
+("auto": fp16 where the compiled kernel of :mod:`diyapp.native` multiplies it, on any CPU with
+AVX2; a one-token step reads every weight once, so half the bytes is close to half the time), and
+:class:`Fp16Weight` and :class:`Int8Weight` are the matrices stored in fewer bytes.
 """
 
 from __future__ import annotations
@@ -204,15 +203,15 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
     """The dtype a :class:`Decoder` of ``model`` stores its matrices in for ``precision``.
 
     "fp32": the model's own dtype (the exact reference, what ``model(...)`` computes); "bf16" or
-    "fp16": that 16-bit format; "auto": a 16-bit format for a float32 model on a CPU with native
-    bf16 (``DIYAPP_CPU_BF16=0`` turns it off): fp16 (:class:`Fp16Weight`: the compiled kernel, or
-    FBGEMM's packed product; the closer and the faster of the two formats there), else bf16
-    (oneDNN's packed product), else the model's own dtype. On a CPU without native bf16 the 16-bit
-    products were not measured faster, and where bf16 is emulated it is many times slower; on a GPU
-    the products are too small for the bytes to matter. "int8" (CPU only, never picked by "auto"):
-    int8 weights (:class:`Int8Weight`), a quarter of float32's bytes, faster than float32 weights on
-    any CPU with AVX2 or better (and than fp16 where FBGEMM multiplies it); the answers can differ
-    slightly from the model's own.
+    "fp16": that 16-bit format; "auto", for a float32 model on a CPU: fp16 where the compiled
+    kernel multiplies it (:class:`Fp16Weight`, any CPU with AVX2: the weights stream at the memory's
+    rate, with logits within about 0.04% of fp32's), else, on a CPU with native bf16
+    (``DIYAPP_CPU_BF16=0`` counts it as one without), fp16 through FBGEMM's packed product or bf16
+    through oneDNN's; else the model's own dtype (PyTorch's 16-bit products were not measured
+    faster than float32 on a CPU without native bf16, and where bf16 is emulated it is many times
+    slower; on a GPU the products are too small for the bytes to matter). "int8" (CPU only, never
+    picked by "auto"): int8 weights (:class:`Int8Weight`), a quarter of float32's bytes; the answers
+    can differ slightly from the model's own.
     """
     if precision not in DECODE_PRECISIONS:
         raise ValueError(f"decoding precision must be one of {', '.join(DECODE_PRECISIONS)}, got {precision!r}")
@@ -225,9 +224,12 @@ def decode_weight_dtype(model: nn.Module, precision: str = "auto") -> torch.dtyp
         return torch.float16
     if precision != "auto":
         return autocast_dtype("cpu", precision) or own  # "bf16" or "fp32" (the model's own)
-    # The CPU's answer, as for training (autocast_dtype checks the name), for a float32 model on a
-    # CPU that has one of the packed products.
-    if not (device.type == "cpu" and own == torch.float32 and autocast_dtype("cpu", "auto")):
+    if not (device.type == "cpu" and own == torch.float32):
+        return own
+    if native.fp16_gemv() is not None:
+        return torch.float16
+    # PyTorch's packed products, where the CPU has native bf16 (autocast_dtype checks the name, as for training)
+    if not autocast_dtype("cpu", "auto"):
         return own
     if fp16_products_available():
         return torch.float16

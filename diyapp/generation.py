@@ -338,7 +338,7 @@ def generate(model: DIYForCausalLM, input_ids: Tensor | Sequence[int], max_new_t
     ``eos_token_id``); in a batch it is finished and padded like a row that produced the EOS.
 
     ``precision`` is the one-token steps' weight precision (:func:`decode_weight_dtype`): "auto"
-    (16-bit, fp16 or bf16, where the CPU runs bf16 natively), "bf16", "fp16", "fp32" (the model's
+    (fp16 where the compiled kernel or the CPU's native bf16 makes it faster), "bf16", "fp16", "fp32" (the model's
     own weights, whose greedy output equals the ``use_cache=False`` path's), or "int8" (CPU only;
     a quarter of fp32's bytes, answers can differ slightly).
     """

@@ -6,7 +6,9 @@ weights at about 17 GB/s on the 2-core Xeon this was measured on, where its fp32
 streams fp16 weights at the memory's rate. It is compiled once with the system's C compiler into
 the user's cache folder (about half a second) and loaded with ``ctypes``; where there is no compiler,
 no AVX2, no Linux on x86-64, or ``DIYAPP_NATIVE=0``, :func:`fp16_gemv` returns ``None`` and the
-decoder uses PyTorch's products as before.
+decoder uses PyTorch's products as before. ``DIYAPP_NATIVE=avx2`` keeps it to its 256-bit path, as
+on a CPU without AVX-512 (with ``ATEN_CPU_CAPABILITY=avx2`` and ``DIYAPP_CPU_BF16=0``, the app runs
+as on an AVX2 CPU).
 """
 
 from __future__ import annotations
@@ -55,8 +57,11 @@ class Fp16Gemv:
         self._call.restype = ctypes.c_int
         lib.diy_fp16_gemv_width.restype = lib.diy_max_threads.restype = ctypes.c_int
         self._max_threads = lib.diy_max_threads
-        #: the widest vectors this CPU runs the kernel with (512 or 256); 0 where it has no AVX2
+        #: the widest vectors this CPU runs the kernel with (512 or 256; 256 with ``DIYAPP_NATIVE=avx2``,
+        #: as on a CPU without AVX-512); 0 where it has no AVX2
         self.width = int(lib.diy_fp16_gemv_width())
+        if os.environ.get("DIYAPP_NATIVE") == "avx2":
+            self.width = min(self.width, 256)
 
     def __call__(self, weight: Tensor, a: Tensor, y: Tensor, accumulate: bool = False, eps: float | None = None,
                  width: int | None = None) -> Tensor:

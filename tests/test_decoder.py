@@ -114,7 +114,7 @@ def test_small_matrices_that_fit_in_the_cache_stay_in_fp32(tiny_model, monkeypat
     assert decoder.packs(10, decoder.CACHE_BYTES_COUNTED + 1) and not decoder.packs(10, decoder.CACHE_BYTES_COUNTED)
 
 
-def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection):
+def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypatch, fresh_detection, without_native):
     assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
     assert decode_weight_dtype(tiny_model, "bf16") is torch.bfloat16
     assert decode_weight_dtype(tiny_model, "fp16") is torch.float16
@@ -127,13 +127,25 @@ def test_decode_weight_dtype_follows_precision_and_the_cpu(tiny_model, monkeypat
     assert decode_weight_dtype(tiny_model, "auto") is expected
     monkeypatch.setenv("DIYAPP_CPU_BF16", "0")
     cpu_supports_bf16.cache_clear()
-    assert decode_weight_dtype(tiny_model, "auto") is torch.float32
+    assert decode_weight_dtype(tiny_model, "auto") is torch.float32  # PyTorch's 16-bit products: only with native bf16
     assert decode_weight_dtype(tiny_model.to(torch.bfloat16), "auto") is torch.bfloat16  # its own dtype
     assert decode_weight_dtype(tiny_model, "int8") is torch.int8  # asked for only, never "auto"
     with pytest.raises(ValueError, match="precision"):
         decode_weight_dtype(tiny_model, "int4")
     with pytest.raises(ValueError, match="CPU only"):
         decode_weight_dtype(tiny_model.to("meta"), "int8")
+
+
+def test_auto_decodes_in_fp16_wherever_the_compiled_kernel_runs(tiny_model, monkeypatch, fresh_detection):
+    if native.fp16_gemv() is None:
+        pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
+    assert decode_weight_dtype(tiny_model, "auto") is torch.float16
+    monkeypatch.setenv("DIYAPP_CPU_BF16", "0")  # a CPU without native bf16, as one with AVX2 only
+    cpu_supports_bf16.cache_clear()
+    assert decode_weight_dtype(tiny_model, "auto") is torch.float16
+    assert decode_weight_dtype(tiny_model, "fp32") is torch.float32
+    assert decode_weight_dtype(tiny_model.to(torch.bfloat16), "auto") is torch.bfloat16  # its own dtype
+    assert decode_weight_dtype(tiny_model.to("meta", torch.float32), "auto") is torch.float32  # not a CPU: its own
 
 
 def test_fp16_weights_multiply_as_f_linear_of_the_rounded_matrix():
@@ -323,7 +335,7 @@ def _missing(*args):
 
 
 @pytest.fixture
-def without_packed_fp16(monkeypatch):
+def without_packed_fp16(monkeypatch, without_native):
     """No fp16 product at all: neither the compiled kernel nor FBGEMM's packed one (absent, or its
     signature changed)."""
     monkeypatch.setattr(Fp16Weight, "__init__", _missing)

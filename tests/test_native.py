@@ -128,6 +128,15 @@ def test_diyapp_native_0_turns_the_kernel_off(fresh_build, monkeypatch):
     assert native.fp16_gemv() is None and "DIYAPP_NATIVE=0" in native.unavailable_reason()
 
 
+def test_diyapp_native_avx2_keeps_the_kernel_to_its_256_bit_path(fresh_build, monkeypatch):
+    """As on a CPU without AVX-512 (what bench_first_run --without-bf16 runs as)."""
+    monkeypatch.setenv("DIYAPP_NATIVE", "avx2")
+    kernel = _kernel()
+    assert kernel.width == 256
+    weight, a = torch.randn(40, 72).half(), torch.randn(2, 72)
+    torch.testing.assert_close(kernel(weight, a, torch.empty(2, 40)), a @ weight.float().t(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_cache_folder_others_can_write_to_is_not_loaded_from(fresh_build):
     fresh_build.mkdir(parents=True)
     fresh_build.chmod(0o777)
