@@ -90,9 +90,10 @@ class Fp16Weight:
 
     Half of float32's bytes, like bf16, with 11 significant bits instead of 8 (logits about ten
     times closer to fp32's). Multiplied by the compiled kernel of :mod:`diyapp.native` where it
-    is available (the matrix as plain fp16, streamed at the memory's rate: the large preset's 33
-    matrices at one row each, two threads, 2-core Xeon: 1.9-2.1 ms), else by FBGEMM in its packed
-    layout (3.5-4.1 ms there; oneDNN's packed bf16 3.3-3.7 ms). Either converts each weight to
+    is available (the matrix as fp16 in the kernel's blocks, streamed at the memory's rate: the
+    large preset's 33 matrices at one row each, two threads: 1.3 ms on a 2-core EPYC, 1.9-2.1 ms on
+    a 2-core Xeon with the earlier row layout), else by FBGEMM in its packed layout (3.5-4.1 ms on
+    the Xeon; oneDNN's packed bf16 3.3-3.7 ms). Either converts each weight to
     float32 as it streams it, so the activations and the sums stay float32 and no conversion runs
     around the product. Only for values fp16 holds, see :meth:`fits`.
     """
@@ -104,7 +105,7 @@ class Fp16Weight:
         self.shape = weight.shape
         self.kernel = native.fp16_gemv() if weight.device.type == "cpu" else None
         if self.kernel is not None:
-            self.values = weight.half()
+            self.values = self.kernel.pack(weight)  # fp16, in the blocks the kernel streams
         else:
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
 

@@ -3,7 +3,8 @@
 PyTorch's 16-bit products (FBGEMM's packed fp16, oneDNN's packed bf16) read a one-row product's
 weights at about 17 GB/s on the 2-core Xeon this was measured on, where its fp32 ``mm`` reads
 25 GB/s: half the bytes then saves only a third of the time. ``fp16_gemv.c`` (beside this file)
-streams fp16 weights at the memory's rate. It is compiled once with the system's C compiler into
+streams fp16 weights at the memory's rate, laid out (:meth:`Fp16Gemv.pack`) in blocks that a product
+reads as one sequential stream. It is compiled once with the system's C compiler into
 the user's cache folder (about half a second) and loaded with ``ctypes``; where there is no compiler,
 no AVX2, no Linux on x86-64, or ``DIYAPP_NATIVE=0``, :func:`fp16_gemv` returns ``None`` and the
 decoder uses PyTorch's products as before. ``DIYAPP_NATIVE=avx2`` keeps it to its 256-bit path, as
@@ -25,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("fp16_gemv.c")
@@ -46,16 +48,19 @@ def compiler() -> str | None:
 
 
 class Fp16Gemv:
-    """The loaded kernel: ``y = (y if accumulate else 0) + normed(a) @ weight.T`` for an fp16
-    ``(out, in)`` weight and float32 ``a`` ``(rows, in)`` and ``y`` ``(rows, out)``, all contiguous
-    on the CPU; ``normed(a)`` is ``a`` itself, or with ``eps`` each row times
+    """The loaded kernel: ``y = (y if accumulate else 0) + normed(a) @ weight.T`` for an ``(out, in)``
+    weight laid out by :meth:`pack` and float32 ``a`` ``(rows, in)`` and ``y`` ``(rows, out)``, all
+    contiguous on the CPU; ``normed(a)`` is ``a`` itself, or with ``eps`` each row times
     ``1 / sqrt(sum(row^2) + eps)`` (RMSNorm whose scale is folded into the weight)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._call = lib.diy_fp16_gemv
         self._call.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
         self._call.restype = ctypes.c_int
-        lib.diy_fp16_gemv_width.restype = lib.diy_max_threads.restype = ctypes.c_int
+        for name in ("diy_fp16_gemv_width", "diy_max_threads", "diy_fp16_block_rows", "diy_fp16_block_cols"):
+            getattr(lib, name).restype = ctypes.c_int
+        #: the blocks the kernel reads a weight in (rows, columns; see :meth:`pack`)
+        self.block = (int(lib.diy_fp16_block_rows()), int(lib.diy_fp16_block_cols()))
         self._max_threads = lib.diy_max_threads
         #: the widest vectors this CPU runs the kernel with (512 or 256; 256 with ``DIYAPP_NATIVE=avx2``,
         #: as on a CPU without AVX-512); 0 where it has no AVX2
@@ -63,9 +68,27 @@ class Fp16Gemv:
         if os.environ.get("DIYAPP_NATIVE") == "avx2":
             self.width = min(self.width, 256)
 
+    def pack(self, weight: Tensor) -> Tensor:
+        """An ``(out, in)`` matrix as the kernel reads it: fp16 blocks of ``block[0]`` rows,
+        ``block[1]`` columns at a time (``(out / r, in / c, r, c)``, zero-padded to whole blocks), so
+        that a product reads one sequential stream (see ``fp16_gemv.c``)."""
+        (rows, cols), (out, inner) = self.block, weight.shape
+        padded = F.pad(weight.detach().half(), (0, -inner % cols, 0, -out % rows))
+        return padded.view(padded.shape[0] // rows, rows, -1, cols).transpose(1, 2).contiguous()
+
+    def packed_shape(self, out: int, inner: int) -> tuple[int, int, int, int]:
+        """The shape :meth:`pack` gives an ``(out, inner)`` matrix."""
+        rows, cols = self.block
+        return (-(-out // rows), -(-inner // cols), rows, cols)
+
     def __call__(self, weight: Tensor, a: Tensor, y: Tensor, accumulate: bool = False, eps: float | None = None,
                  width: int | None = None) -> Tensor:
-        rows, (out, inner) = a.shape[0], weight.shape
+        """``weight`` as :meth:`pack` lays it out, for a matrix of ``y.shape[1]`` rows and
+        ``a.shape[1]`` columns (any other shape would be read past its end: refused)."""
+        rows, (out, inner) = a.shape[0], (y.shape[1], a.shape[1])
+        if weight.shape != self.packed_shape(out, inner) or y.shape[0] != rows:
+            raise ValueError(f"a packed weight {tuple(weight.shape)} does not multiply {tuple(a.shape)} into "
+                             f"{tuple(y.shape)}")
         if self._call(weight.data_ptr(), a.data_ptr(), y.data_ptr(), rows, out, inner, int(accumulate),
                       width or self.width, -1.0 if eps is None else eps):
             raise MemoryError(f"no memory for the scales of {rows} rows")
@@ -119,10 +142,11 @@ def _shares_torch_threads(kernel: Fp16Gemv) -> bool:
 
 def _works(kernel: Fp16Gemv) -> bool:
     """The kernel's products equal float32 products of the fp16-rounded weights, at both vector widths."""
-    weight = torch.linspace(-2, 2, 9 * 37).reshape(9, 37).half()  # tails at both ends of both loops
+    weight = torch.linspace(-2, 2, 9 * 37).reshape(9, 37).half()  # a block and a step of columns part-filled
     a = torch.linspace(-1, 1, 2 * 37).reshape(2, 37)
     expected = a @ weight.float().t()
     normed = (a * (a * a).sum(1, keepdim=True).add(0.5).rsqrt()) @ weight.float().t()
+    weight = kernel.pack(weight)
     widths = [w for w in (512, 256) if w <= kernel.width]
     return bool(widths) and all(
         torch.allclose(kernel(weight, a, torch.empty(2, 9), width=w), expected, rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ def test_the_kernel_is_built_where_a_compiler_and_avx2_are():
     assert native.fp16_gemv().width == (512 if " avx512f " in flags else 256)
 
 
-@pytest.mark.parametrize("shape", [(9, 37), (64, 48), (3, 16), (130, 520), (1, 7)])
+@pytest.mark.parametrize("shape", [(9, 37), (64, 48), (3, 16), (130, 520), (1, 7), (6, 8), (5, 31)])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_products_equal_float32_products_of_the_fp16_weights(shape, rows):
     """Both vector widths, both tails (rows of W not a multiple of 4, widths not of 16 or 8)."""
@@ -55,6 +55,7 @@ def test_products_equal_float32_products_of_the_fp16_weights(shape, rows):
     expected = a @ weight.float().t()
     eps = 0.3
     normed = (a * (a * a).sum(1, keepdim=True).add(eps).rsqrt()) @ weight.float().t()
+    weight = kernel.pack(weight)
     for width in [w for w in (512, 256) if w <= kernel.width]:
         y = torch.full((rows, shape[0]), float("nan"))
         torch.testing.assert_close(kernel(weight, a, y, width=width), expected, rtol=1e-5, atol=1e-5)
@@ -63,6 +64,23 @@ def test_products_equal_float32_products_of_the_fp16_weights(shape, rows):
         torch.testing.assert_close(got, base + expected, rtol=1e-5, atol=1e-5)
         got = kernel(weight, a, base.clone(), accumulate=True, eps=eps, width=width)
         torch.testing.assert_close(got, base + normed, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_weight_is_every_value_in_blocks_and_zero_padded():
+    """The layout the C kernel reads (P[b, c, k, j] = W[4b + k, 16c + j]), and the shape check that
+    keeps it from reading past a weight's end."""
+    kernel = _kernel()
+    rows, cols = kernel.block
+    weight = torch.arange(1.0, 1 + 9 * 37).reshape(9, 37)
+    packed = kernel.pack(weight)
+    assert packed.dtype == torch.float16 and packed.shape == kernel.packed_shape(9, 37)
+    for o, i in [(0, 0), (8, 36), (5, 17), (3, 16)]:
+        assert packed[o // rows, i // cols, o % rows, i % cols] == weight[o, i]
+    assert packed.float().sum() == weight.half().float().sum()  # the padding is zero
+    with pytest.raises(ValueError, match="does not multiply"):
+        kernel(packed, torch.randn(1, 49), torch.empty(1, 9))
+    with pytest.raises(ValueError, match="does not multiply"):
+        kernel(packed, torch.randn(1, 37), torch.empty(1, 13))
 
 
 def test_products_follow_torchs_thread_count():
@@ -74,7 +92,8 @@ def test_products_follow_torchs_thread_count():
         for n in (1, 2):
             torch.set_num_threads(n)
             assert kernel.threads() == n
-            torch.testing.assert_close(kernel(weight, a, torch.empty(1, 512)), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kernel(kernel.pack(weight), a, torch.empty(1, 512)), expected,
+                                       rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
 
@@ -134,7 +153,8 @@ def test_diyapp_native_avx2_keeps_the_kernel_to_its_256_bit_path(fresh_build, mo
     kernel = _kernel()
     assert kernel.width == 256
     weight, a = torch.randn(40, 72).half(), torch.randn(2, 72)
-    torch.testing.assert_close(kernel(weight, a, torch.empty(2, 40)), a @ weight.float().t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(kernel.pack(weight), a, torch.empty(2, 40)), a @ weight.float().t(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_a_cache_folder_others_can_write_to_is_not_loaded_from(fresh_build):
