@@ -84,7 +84,8 @@ class Fp16Gemv:
     def __call__(self, weight: Tensor, a: Tensor, y: Tensor, accumulate: bool = False, eps: float | None = None,
                  width: int | None = None) -> Tensor:
         """``weight`` as :meth:`pack` lays it out, for a matrix of ``y.shape[1]`` rows and
-        ``a.shape[1]`` columns (any other shape would be read past its end: refused)."""
+        ``a.shape[1]`` columns: a packed shape other than theirs is refused (the kernel would read
+        past its end)."""
         rows, (out, inner) = a.shape[0], (y.shape[1], a.shape[1])
         if weight.shape != self.packed_shape(out, inner) or y.shape[0] != rows:
             raise ValueError(f"a packed weight {tuple(weight.shape)} does not multiply {tuple(a.shape)} into "
