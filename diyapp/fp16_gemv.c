@@ -8,8 +8,8 @@
  * columns at a time: P[b][c][k][j] = W[4b + k][16c + j], zero where W has no row or column (the
  * last block and the last sixteen columns are padded). The loop then reads one sequential stream,
  * which the hardware prefetchers follow at the memory's full rate (the large preset's 33 matrices
- * on a 2-core EPYC: 4.7 ms on one thread, 2.9 on two, for four interleaved rows of a plain (out, in)
- * matrix, even with software prefetching; 2.3 and 1.7 ms blocked), converts 16 (or 8) fp16 values
+ * on a 2-core EPYC: 4.7-5.3 ms on one thread, 2.5-2.9 on two, for four interleaved rows of a plain
+ * (out, in) matrix, even with software prefetching; 2.1-2.3 and 1.3-1.8 ms blocked), converts 16 (or 8) fp16 values
  * with one instruction and multiplies them into float32 sums.
  * The threads (OpenMP: PyTorch's own runtime, which this library finds already loaded) split the
  * blocks; small products run on the calling thread.
@@ -20,7 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Rows of W in a block and columns in a block's step (BLOCK_ROWS x BLOCK_COLS values are contiguous). */
+/* Rows of W in a block and columns in a block's step (BLOCK_ROWS x BLOCK_COLS values are contiguous).
+ * The loops below keep one sum per row of a block in its own register: four. */
 #define BLOCK_ROWS 4
 #define BLOCK_COLS 16
 
@@ -44,11 +45,11 @@ static void blocks_avx512(const uint16_t *P, const float *xs, float *ys, long ro
                 /* past the last column, x reads as zero (its tail masked), as W's padding is */
                 __m512 xv = c < full ? _mm512_loadu_ps(x + c * BLOCK_COLS) : _mm512_maskz_loadu_ps(tail, x + c * BLOCK_COLS);
                 a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)), xv, a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16))), xv, a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32))), xv, a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 48))), xv, a3);
+                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + BLOCK_COLS))), xv, a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 2 * BLOCK_COLS))), xv, a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 3 * BLOCK_COLS))), xv, a3);
             }
-            float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+            float s[BLOCK_ROWS] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
                           _mm512_reduce_add_ps(a3)};
             float *y = ys + r * out;
             for (long k = 0, o = b * BLOCK_ROWS; k < BLOCK_ROWS && o < out; k++, o++)
@@ -64,11 +65,13 @@ static float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* One row's sum over a block's step as two halves of 8 (two chains of sums, so that the additions'
- * latency does not limit the stream). */
-#define STEP8(acc_lo, acc_hi, q) \
-    acc_lo = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q))), lo, acc_lo); \
-    acc_hi = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((q) + 8))), hi, acc_hi)
+/* One row's 16 values of a block's step times x's (lo, hi), added into two sums of 8 (two chains,
+ * so that the additions' latency does not limit the stream). */
+__attribute__((target("avx2,f16c,fma")))
+static inline void step8(__m256 *sum_lo, __m256 *sum_hi, const uint16_t *q, __m256 lo, __m256 hi) {
+    *sum_lo = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q)), lo, *sum_lo);
+    *sum_hi = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 8))), hi, *sum_hi);
+}
 
 /* blocks_avx512 with 8-wide vectors, for CPUs with AVX2 and no AVX-512. */
 __attribute__((target("avx2,f16c,fma")))
@@ -88,12 +91,12 @@ static void blocks_avx2(const uint16_t *P, const float *xs, float *ys, long rows
                 const float *xc = x + c * BLOCK_COLS;
                 __m256 lo = c < full ? _mm256_loadu_ps(xc) : _mm256_maskload_ps(xc, mask_lo);
                 __m256 hi = c < full ? _mm256_loadu_ps(xc + 8) : _mm256_maskload_ps(xc + 8, mask_hi);
-                STEP8(a0, b0_, p);
-                STEP8(a1, b1_, p + 16);
-                STEP8(a2, b2_, p + 32);
-                STEP8(a3, b3_, p + 48);
+                step8(&a0, &b0_, p, lo, hi);
+                step8(&a1, &b1_, p + BLOCK_COLS, lo, hi);
+                step8(&a2, &b2_, p + 2 * BLOCK_COLS, lo, hi);
+                step8(&a3, &b3_, p + 3 * BLOCK_COLS, lo, hi);
             }
-            float s[4] = {sum8(_mm256_add_ps(a0, b0_)), sum8(_mm256_add_ps(a1, b1_)), sum8(_mm256_add_ps(a2, b2_)),
+            float s[BLOCK_ROWS] = {sum8(_mm256_add_ps(a0, b0_)), sum8(_mm256_add_ps(a1, b1_)), sum8(_mm256_add_ps(a2, b2_)),
                           sum8(_mm256_add_ps(a3, b3_))};
             float *y = ys + r * out;
             for (long k = 0, o = b * BLOCK_ROWS; k < BLOCK_ROWS && o < out; k++, o++)
